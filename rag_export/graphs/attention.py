@@ -1,0 +1,56 @@
+"""Attention written out with explicit K/V layouts, shared by the BART and T5 graphs.
+
+Layouts: keys/values are ``[rows, heads, length, head_dim]``. Cross-attention is *beam-folded*: the
+decoder has ``rows = enc_rows * k`` rows ordered (passage, beam), and the ``k`` beams of one passage
+become extra query positions against that passage's K/V, so encoder outputs are never copied per beam.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[rows, len, heads*dim] -> [rows, heads, len, dim]"""
+    rows, length, _ = x.shape
+    return x.reshape(rows, length, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[rows, heads, len, dim] -> [rows, len, heads*dim]"""
+    rows, heads, length, dim = x.shape
+    return x.transpose(1, 2).reshape(rows, length, heads * dim)
+
+
+def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, src] 0/1 mask -> additive bias [rows, 1, 1, src] (0 or the dtype's min, like transformers)."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def causal_bias(past_len: torch.Tensor, new_len: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[new, past+new] additive bias: query i (absolute position past+i) sees keys 0..past+i."""
+    q_pos = torch.arange(new_len) + past_len
+    k_pos = torch.arange(new_len + past_len)
+    return (k_pos[None, :] > q_pos[:, None]).to(dtype) * torch.finfo(dtype).min
+
+
+def _scores(q, k, scale: float | None) -> torch.Tensor:
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    return scores if scale is None else scores * scale  # scaled after the product, as transformers does
+
+
+def self_attention(q, k, v, bias, scale: float | None) -> torch.Tensor:
+    """q [rows,H,t,d], k/v [rows,H,p+t,d], bias broadcastable to [rows,H,t,p+t]."""
+    scores = _scores(q, k, scale) + bias
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def folded_cross_attention(q, k, v, enc_bias, scale: float | None) -> torch.Tensor:
+    """q [enc_rows*beams, H, t, d]; k/v [enc_rows, H, src, d]; enc_bias [enc_rows, 1, 1, src]."""
+    rows, heads, t, dim = q.shape
+    enc_rows = k.shape[0]
+    beams = rows // enc_rows
+    qf = q.reshape(enc_rows, beams, heads, t, dim).transpose(1, 2).reshape(enc_rows, heads, beams * t, dim)
+    scores = _scores(qf, k, scale) + enc_bias
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    return out.reshape(enc_rows, heads, beams, t, dim).transpose(1, 2).reshape(rows, heads, t, dim)

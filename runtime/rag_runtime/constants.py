@@ -1,0 +1,39 @@
+"""Names shared by the exporter and the runtime: the artifact directory's files and every graph's IO.
+
+The exporter writes these into ``manifest.json`` and the runtime reads them back from there; neither
+side retypes a name.
+"""
+
+FORMAT_VERSION = 1
+
+MANIFEST_FILE = "manifest.json"
+QUESTION_ENCODER_FILE = "question_encoder.onnx"
+GENERATOR_ENCODER_FILE = "generator_encoder.onnx"
+GENERATOR_DECODER_FILE = "generator_decoder.onnx"
+CONTEXT_ENCODER_FILE = "context_encoder.onnx"
+QUESTION_TOKENIZER_FILE = "tokenizers/question_encoder.json"
+GENERATOR_TOKENIZER_FILE = "tokenizers/generator.json"
+CONTEXT_TOKENIZER_FILE = "tokenizers/context_encoder.json"
+
+INDEX_DIR = "index"
+INDEX_FAISS_FILE = "index.faiss"
+INDEX_EMBEDDINGS_FILE = "embeddings.npy"
+INDEX_PASSAGES_FILE = "passages.jsonl"
+INDEX_OFFSETS_FILE = "passages.offsets.npy"
+INDEX_META_FILE = "index.json"
+
+# Graph IO.
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+QUESTION_EMBEDDING = "question_embedding"
+PASSAGE_EMBEDDING = "passage_embedding"
+ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+CROSS_KEYS = "cross_keys"
+CROSS_VALUES = "cross_values"
+DECODER_INPUT_IDS = "decoder_input_ids"
+ENCODER_ATTENTION_MASK = "encoder_attention_mask"
+PAST_KEYS = "past_keys"
+PAST_VALUES = "past_values"
+LOGITS = "logits"
+PRESENT_KEYS = "present_keys"
+PRESENT_VALUES = "present_values"

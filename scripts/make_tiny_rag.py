@@ -1,0 +1,290 @@
+"""Build a RAG checkpoint offline: tokenizers, random weights, a knowledge base and its faiss index.
+
+The result loads through transformers' ``from_pretrained`` exactly like a hub checkpoint::
+
+    python scripts/make_tiny_rag.py out/tiny-token --kind token --generator bart
+    RagRetriever.from_pretrained("out/tiny-token")
+    RagTokenForGeneration.from_pretrained("out/tiny-token", retriever=retriever)
+
+Sizes: ``tiny`` (for tests), ``base`` (BART-base / DPR-base dimensions, vocab 50265, for benchmarks) and
+``large`` (rag-token-nq dimensions: BART-large generator, DPR-base question encoder).
+Weights are random but scaled so that generated sequences vary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_CORPUS = DATA_DIR / "corpus.jsonl"
+
+# (question encoder dims, generator dims); vocab sizes are what the trained tokenizers are padded to.
+SIZES = {
+    "tiny": {
+        "dpr": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+        "bart": dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128),
+        "t5": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4),
+        "q_vocab": 1200, "g_vocab": 1500,
+    },
+    "base": {
+        "dpr": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+        "bart": dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                     decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072),
+        "t5": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12),
+        "q_vocab": 30522, "g_vocab": 50265,
+    },
+    "large": {
+        "dpr": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+        "bart": dict(d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
+                     decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096),
+        "t5": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24, num_heads=16),
+        "q_vocab": 30522, "g_vocab": 50265,
+    },
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[make_tiny_rag] {msg}", file=sys.stderr, flush=True)
+
+
+def load_corpus(path: Path, min_passages: int = 0) -> list[dict]:
+    """Read the JSONL corpus; if fewer than ``min_passages``, join neighbouring passages into longer ones."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    passages = [{"title": r["title"], "text": r["text"]} for r in rows]
+    i = 0
+    while len(passages) < min_passages:
+        a, b = rows[i % len(rows)], rows[(i * 7 + 3) % len(rows)]
+        passages.append({"title": a["title"], "text": f"{a['text']} {b['text']}"})
+        i += 1
+    return passages
+
+
+def _pad_vocab(vocab: dict[str, int], size: int, filler: str) -> dict[str, int]:
+    """Grow a vocab to exactly ``size`` entries with placeholder tokens (encoding never emits them)."""
+    vocab = dict(vocab)
+    i = 0
+    while len(vocab) < size:
+        token = f"{filler}{i}"
+        if token not in vocab:
+            vocab[token] = len(vocab)
+        i += 1
+    return vocab
+
+
+def train_question_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import DPRQuestionEncoderTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=1)
+    tok.train_from_iterator(texts, trainer)
+    vocab = _pad_vocab(tok.get_vocab(), vocab_size, "[unused")
+    return DPRQuestionEncoderTokenizerFast(vocab=vocab, do_lower_case=True)
+
+
+def train_bart_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import BartTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=1,
+    )
+    tok.train_from_iterator(texts, trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab = _pad_vocab(model["vocab"], vocab_size - 1, "Ġplaceholder")
+    vocab["<mask>"] = vocab_size - 1
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return BartTokenizerFast(vocab=vocab, merges=merges)
+
+
+def train_t5_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+    )
+    tok.train_from_iterator(texts, trainer)
+    pieces = [(p, s) for p, s in json.loads(tok.to_str())["model"]["vocab"]]
+    seen = {p for p, _ in pieces}
+    i = 0
+    while len(pieces) < vocab_size:
+        if f"▁placeholder{i}" not in seen:
+            pieces.append((f"▁placeholder{i}", -30.0))
+        i += 1
+    return T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+
+def _scale_weights(model, seed: int, gain: float, embed_std: float = 0.5) -> None:
+    """Re-draw every matrix with std gain/sqrt(fan_in) so random models give peaked, varied logits."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() < 2:
+                continue
+            fan_in = p.shape[-1]
+            std = gain / fan_in**0.5
+            if "relative_attention_bias" in name:
+                std = 0.5
+            elif "embed" in name or "shared" in name:
+                std = embed_std
+            elif any(k in name for k in ("q_proj", "k_proj", ".q.", ".k.")):
+                std *= 2.0  # sharper attention: outputs then depend on which passage was retrieved
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def build(out: Path, kind: str, generator: str, size: str, corpus: Path, seed: int,
+          n_passages: int, n_docs: int, index_type: str) -> None:
+    import datasets
+    import faiss
+    import numpy as np
+    import torch
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        DPRConfig,
+        DPRContextEncoder,
+        DPRQuestionEncoder,
+        GenerationConfig,
+        RagConfig,
+        RagSequenceForGeneration,
+        RagTokenForGeneration,
+        RagTokenizer,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    spec = SIZES[size]
+    passages = load_corpus(corpus, min_passages=n_passages)
+    texts = [f"{p['title']} {p['text']}" for p in passages]
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    q_tok = train_question_tokenizer(texts, spec["q_vocab"])
+    if generator == "bart":
+        g_tok = train_bart_tokenizer(texts, spec["g_vocab"])
+    else:
+        g_tok = train_t5_tokenizer(texts, spec["g_vocab"])
+    _log(f"tokenizers trained ({len(q_tok)} / {len(g_tok)} tokens) in {time.perf_counter() - t0:.1f}s")
+
+    dpr_cfg = DPRConfig(vocab_size=len(q_tok), max_position_embeddings=512, projection_dim=0,
+                        pad_token_id=q_tok.pad_token_id, **spec["dpr"])
+    if generator == "bart":
+        gen_cfg = BartConfig(
+            vocab_size=len(g_tok), max_position_embeddings=1024, pad_token_id=g_tok.pad_token_id,
+            bos_token_id=g_tok.bos_token_id, eos_token_id=g_tok.eos_token_id,
+            decoder_start_token_id=g_tok.eos_token_id, forced_eos_token_id=g_tok.eos_token_id,
+            scale_embedding=False, tie_word_embeddings=False, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+            **spec["bart"],
+        )
+        gen_model = BartForConditionalGeneration(gen_cfg)
+        gen_defaults = dict(num_beams=4, max_length=40, min_length=1, no_repeat_ngram_size=3,
+                            early_stopping=True, length_penalty=1.0, forced_bos_token_id=g_tok.bos_token_id,
+                            forced_eos_token_id=g_tok.eos_token_id)
+    else:
+        gen_cfg = T5Config(
+            vocab_size=len(g_tok), pad_token_id=g_tok.pad_token_id, eos_token_id=g_tok.eos_token_id,
+            decoder_start_token_id=g_tok.pad_token_id, feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False, dropout_rate=0.0, relative_attention_num_buckets=32,
+            relative_attention_max_distance=128, **spec["t5"],
+        )
+        gen_cfg.prefix = "answer: "
+        # RagSequenceForGeneration.get_nll reads config.generator.bos_token_id, which T5Config lacks.
+        gen_cfg.bos_token_id = None
+        gen_model = T5ForConditionalGeneration(gen_cfg)
+        gen_defaults = dict(num_beams=4, max_length=40, min_length=1, no_repeat_ngram_size=3, early_stopping=True)
+    q_model = DPRQuestionEncoder(dpr_cfg)
+    ctx_model = DPRContextEncoder(dpr_cfg)
+    _scale_weights(q_model, seed + 1, gain=1.0)
+    _scale_weights(ctx_model, seed + 2, gain=1.0)
+    # T5 is pre-norm: a large token embedding would dominate its residual stream and repeat itself.
+    _scale_weights(gen_model, seed + 3, gain=1.0, embed_std=0.5 if generator == "bart" else 0.05)
+    gen_model.generation_config = GenerationConfig(
+        decoder_start_token_id=gen_cfg.decoder_start_token_id, pad_token_id=gen_cfg.pad_token_id,
+        eos_token_id=gen_cfg.eos_token_id, bos_token_id=getattr(gen_cfg, "bos_token_id", None), **gen_defaults,
+    )
+
+    # Knowledge base: passages embedded by the (random) DPR context encoder, exactly as a real one would be.
+    t0 = time.perf_counter()
+    ctx_model.eval()
+    embeddings = []
+    with torch.no_grad():
+        for i in range(0, len(passages), 64):
+            chunk = passages[i : i + 64]
+            enc = q_tok([p["title"] for p in chunk], [p["text"] for p in chunk], truncation=True,
+                        max_length=256, padding="longest", return_tensors="pt")
+            embeddings.append(ctx_model(**enc).pooler_output.numpy())
+    emb = np.concatenate(embeddings).astype("float32")
+    _log(f"embedded {len(passages)} passages in {time.perf_counter() - t0:.1f}s")
+
+    kb_dir = (out / "knowledge").resolve()
+    ds = datasets.Dataset.from_dict({
+        "title": [p["title"] for p in passages],
+        "text": [p["text"] for p in passages],
+        "embeddings": [e for e in emb],
+    })
+    ds.save_to_disk(str(kb_dir / "passages"))
+    index = faiss.index_factory(emb.shape[1], index_type, faiss.METRIC_INNER_PRODUCT)
+    ds.add_faiss_index("embeddings", custom_index=index)
+    ds.get_index("embeddings").save(str(kb_dir / "passages.faiss"))
+
+    rag_cfg = RagConfig.from_question_encoder_generator_configs(
+        dpr_cfg, gen_cfg, n_docs=n_docs, max_combined_length=300, retrieval_vector_size=emb.shape[1],
+        index_name="custom", passages_path=str(kb_dir / "passages"),
+        index_path=str(kb_dir / "passages.faiss"), use_dummy_dataset=False,
+    )
+    cls = RagTokenForGeneration if kind == "token" else RagSequenceForGeneration
+    model = cls(config=rag_cfg, question_encoder=q_model, generator=gen_model)
+    if kind == "token":
+        model.generation_config = GenerationConfig(
+            decoder_start_token_id=gen_cfg.decoder_start_token_id, pad_token_id=gen_cfg.pad_token_id,
+            eos_token_id=gen_cfg.eos_token_id, bos_token_id=getattr(gen_cfg, "bos_token_id", None),
+            **gen_defaults,
+        )
+    model.save_pretrained(out)
+    RagTokenizer(question_encoder=q_tok, generator=g_tok).save_pretrained(out)
+    ctx_model.save_pretrained(out / "context_encoder")
+    q_tok.save_pretrained(out / "context_encoder")
+    _log(f"wrote rag-{kind} ({generator}, {size}) to {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("out", type=Path, help="output checkpoint directory")
+    parser.add_argument("--kind", choices=["token", "sequence"], default="token")
+    parser.add_argument("--generator", choices=["bart", "t5"], default="bart")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL with title and text")
+    parser.add_argument("--passages", type=int, default=0, help="minimum passage count (longer ones are joined)")
+    parser.add_argument("--n-docs", type=int, default=5)
+    parser.add_argument("--index-type", default="Flat", help="faiss factory string")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    build(args.out, args.kind, args.generator, args.size, args.corpus, args.seed, args.passages,
+          args.n_docs, args.index_type)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
