@@ -1,0 +1,168 @@
+"""Load a RAG checkpoint (hub id or local directory) through transformers and describe it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+RAG_ARCHITECTURES = {"RagTokenForGeneration": "token", "RagSequenceForGeneration": "sequence"}
+SUPPORTED_QUESTION_ENCODERS = ("dpr",)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded RAG checkpoint.
+
+    Attributes:
+        source: The model id or path it was loaded from.
+        kind: ``"token"`` or ``"sequence"``.
+        model: The ``RagTokenForGeneration`` / ``RagSequenceForGeneration`` in eval mode.
+        question_tokenizer: Fast tokenizer of the question encoder.
+        generator_tokenizer: Fast tokenizer of the generator.
+        generation_defaults: Generation parameters the installed transformers uses when none are given.
+    """
+
+    source: str
+    kind: str
+    model: Any
+    question_tokenizer: Any
+    generator_tokenizer: Any
+    generation_defaults: dict
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def _read_config(source: str) -> dict:
+    from transformers import PretrainedConfig
+
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(source)
+    except (OSError, ValueError) as e:
+        if os.path.isdir(source):
+            raise ExportError(f"{source} has no config.json: not a transformers checkpoint") from e
+        if os.path.sep in source or source.startswith("."):
+            raise ExportError(f"no such checkpoint directory: {source}") from e
+        raise ExportError(
+            f"cannot load {source!r}: not a local directory and not reachable as a hub model id "
+            "(check the spelling, or download it first and pass the directory)"
+        ) from e
+    return config_dict
+
+
+def detect_kind(config_dict: dict, source: str) -> str:
+    archs = config_dict.get("architectures") or []
+    kinds = [RAG_ARCHITECTURES[a] for a in archs if a in RAG_ARCHITECTURES]
+    if config_dict.get("model_type") != "rag" or not kinds:
+        found = ", ".join(archs) or config_dict.get("model_type") or "unknown"
+        raise ExportError(
+            f"{source} is not a RAG generation checkpoint (found {found}); need one with architecture "
+            "RagTokenForGeneration or RagSequenceForGeneration, e.g. facebook/rag-token-nq"
+        )
+    q_type = (config_dict.get("question_encoder") or {}).get("model_type")
+    if q_type not in SUPPORTED_QUESTION_ENCODERS:
+        raise ExportError(
+            f"unsupported question encoder {q_type!r}; supported are: {', '.join(SUPPORTED_QUESTION_ENCODERS)}"
+        )
+    g_type = (config_dict.get("generator") or {}).get("model_type")
+    from .graphs.generator import SUPPORTED_GENERATORS
+
+    if g_type not in SUPPORTED_GENERATORS:
+        raise ExportError(f"unsupported generator {g_type!r}; supported are: {', '.join(SUPPORTED_GENERATORS)}")
+    return kinds[0]
+
+
+_GENERATION_FIELDS = (
+    "num_beams", "max_length", "min_length", "no_repeat_ngram_size", "length_penalty", "early_stopping",
+    "forced_bos_token_id", "forced_eos_token_id", "repetition_penalty", "bad_words_ids",
+    "num_return_sequences", "decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id",
+)
+
+
+def resolve_generation_defaults(model, kind: str) -> dict:
+    """The parameters ``generate()`` uses when the caller passes none, read off the loaded model.
+
+    RAG-Token decodes with the RAG model's own generation config. RAG-Sequence hands each passage to the
+    generator's ``generate`` (so its config rules) but sets ``num_beams`` and ``num_return_sequences``
+    from the RAG config itself, defaulting to 1.
+    """
+    gc = model.generation_config if kind == "token" else model.generator.generation_config
+    out = {f: getattr(gc, f, None) for f in _GENERATION_FIELDS}
+    cfg, gen_cfg = model.config, model.config.generator
+    if out["decoder_start_token_id"] is None:
+        out["decoder_start_token_id"] = (
+            cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else gen_cfg.decoder_start_token_id
+        )
+    if out["eos_token_id"] is None:
+        out["eos_token_id"] = gen_cfg.eos_token_id
+    if out["pad_token_id"] is None:
+        out["pad_token_id"] = gen_cfg.pad_token_id
+    if isinstance(out["eos_token_id"], int):
+        out["eos_token_id"] = [out["eos_token_id"]]
+    if out["pad_token_id"] is None and out["eos_token_id"]:
+        out["pad_token_id"] = out["eos_token_id"][0]
+    if kind == "sequence":
+        out["num_beams"] = getattr(cfg, "num_beams", None) or 1
+        out["num_return_sequences"] = getattr(cfg, "num_return_sequences", None) or 1
+    for key, default in (("num_beams", 1), ("num_return_sequences", 1), ("min_length", 0), ("max_length", 20),
+                         ("length_penalty", 1.0), ("early_stopping", False), ("no_repeat_ngram_size", 0),
+                         ("repetition_penalty", 1.0)):
+        if out[key] is None:
+            out[key] = default
+    return out
+
+
+def load_checkpoint(source: str) -> Checkpoint:
+    """Load ``source`` (hub id or directory) without its retriever; errors are ``ExportError``."""
+    config_dict = _read_config(str(source))
+    kind = detect_kind(config_dict, str(source))
+    from transformers import RagSequenceForGeneration, RagTokenForGeneration, RagTokenizer
+
+    cls = RagTokenForGeneration if kind == "token" else RagSequenceForGeneration
+    try:
+        tokenizer = RagTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as e:
+        raise ExportError(
+            f"{source} has no usable tokenizers (expected question_encoder_tokenizer/ and generator_tokenizer/): {e}"
+        ) from e
+    try:
+        model = cls.from_pretrained(source).eval()
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot load the weights of {source}: {str(e).splitlines()[0]}") from e
+    for name, tok in (("question encoder", tokenizer.question_encoder), ("generator", tokenizer.generator)):
+        if getattr(tok, "backend_tokenizer", None) is None:
+            raise ExportError(f"the {name} tokenizer of {source} has no fast (tokenizer.json) version")
+    return Checkpoint(
+        source=str(source), kind=kind, model=model, question_tokenizer=tokenizer.question_encoder,
+        generator_tokenizer=tokenizer.generator, generation_defaults=resolve_generation_defaults(model, kind),
+    )
+
+
+def resolve_local_path(path: str | None, checkpoint_dir: str) -> Path | None:
+    """Paths in a RagConfig may be absolute or relative to the checkpoint directory."""
+    if not path:
+        return None
+    p = Path(path)
+    if p.exists():
+        return p
+    candidate = Path(checkpoint_dir) / path
+    return candidate if candidate.exists() else p
+
+
+def config_summary(config) -> dict:
+    return json.loads(json.dumps({
+        "n_docs": config.n_docs, "title_sep": config.title_sep, "doc_sep": config.doc_sep,
+        "max_combined_length": config.max_combined_length, "do_deduplication": config.do_deduplication,
+        "exclude_bos_score": config.exclude_bos_score, "label_smoothing": config.label_smoothing,
+        "retrieval_vector_size": config.retrieval_vector_size, "index_name": config.index_name,
+        "dataset": config.dataset,
+    }))

@@ -1,0 +1,56 @@
+"""``rag-export MODEL OUT``: thin CLI over :func:`rag_export.export`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import ExportError
+from .export import DEFAULT_ATOL, DEFAULT_OPSET
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rag-export",
+        description="Export a Hugging Face RAG checkpoint (hub id or local directory) to ONNX graphs, "
+        "tokenizers, a manifest and its knowledge index, for rag_runtime.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", help="hub id (e.g. facebook/rag-token-nq) or local checkpoint directory")
+    p.add_argument("output", help="artifact directory to create")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory after success")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="validation tolerance (max abs diff)")
+    p.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation")
+    p.add_argument("--context-encoder", metavar="PATH_OR_ID", help="also export this DPR context encoder")
+    p.add_argument("--no-index", dest="include_index", action="store_false",
+                   help="do not export the checkpoint's knowledge index")
+    p.add_argument("-v", "--verbose", action="store_true", help="log transformers' messages too")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from .export import export
+
+    try:
+        export(args.model, args.output, force=args.force, opset=args.opset, validate=args.validate,
+               atol=args.atol, context_encoder=args.context_encoder, include_index=args.include_index)
+    except ExportError as e:
+        print(f"rag-export: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rag-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

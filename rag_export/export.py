@@ -1,0 +1,281 @@
+"""``export()``: checkpoint in, validated artifact directory out (written atomically)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from rag_runtime import constants as C
+
+from .checkpoint import Checkpoint, config_summary, load_checkpoint
+from .errors import ExportError
+from .graphs import GraphSpec
+from .graphs.generator import (
+    DECODER_SPEC,
+    ENCODER_SPEC,
+    GeneratorEncoderGraph,
+    decoder_dims,
+    decoder_graph,
+    generator_type,
+)
+from .graphs.question_encoder import CONTEXT_ENCODER_SPEC, QUESTION_ENCODER_SPEC, DprEncoderGraph
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+DEFAULT_ATOL = 1e-3
+
+
+def _progress(msg: str) -> None:
+    print(f"rag-export: {msg}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _step(msg: str):
+    _progress(f"{msg} ...")
+    t0 = time.perf_counter()
+    yield
+    _progress(f"{msg}: done in {time.perf_counter() - t0:.1f}s")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _export_graph(module: torch.nn.Module, spec: GraphSpec, args: tuple, out_dir: Path, opset: int) -> Path:
+    path = out_dir / spec.file
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), input_names=list(spec.inputs), output_names=list(spec.outputs),
+            dynamic_axes=spec.dynamic_axes(), opset_version=opset, dynamo=False, do_constant_folding=True,
+        )
+    return path
+
+
+def _check_output_dir(output_dir: Path, force: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ExportError(f"output {output_dir} exists and is not a directory")
+    if output_dir.exists() and any(output_dir.iterdir()) and not force:
+        raise ExportError(f"output directory {output_dir} is not empty; pass --force to replace it")
+
+
+def _tokenizer_info(tok) -> dict:
+    model_type = type(tok.backend_tokenizer.model).__name__
+    cleanup = bool(tok.clean_up_tokenization_spaces) and not (
+        model_type == "BPE"
+        and not getattr(tok, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+    )
+    return {"clean_up_tokenization_spaces": cleanup, "pad_token_id": tok.pad_token_id,
+            "model_max_length": min(int(tok.model_max_length), 1_000_000), "model": model_type}
+
+
+def _sample(vocab: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(5, max(6, min(vocab, 30000)), (rows, length))
+    mask = torch.ones_like(ids)
+    mask[-1, length // 2 :] = 0
+    return ids, mask
+
+
+def export(
+    model: str | Checkpoint,
+    output_dir: str | Path,
+    *,
+    force: bool = False,
+    opset: int = DEFAULT_OPSET,
+    validate: bool = True,
+    atol: float = DEFAULT_ATOL,
+    context_encoder: str | None = None,
+    include_index: bool = True,
+) -> Path:
+    """Export a RAG checkpoint into an artifact directory for ``rag_runtime``.
+
+    Args:
+        model: Hub id, local checkpoint directory, or an already loaded ``Checkpoint``.
+        output_dir: Where to write; must be empty or absent unless ``force``.
+        force: Replace a non-empty ``output_dir`` (only once the new export has succeeded).
+        opset: ONNX opset.
+        validate: Compare every graph in onnxruntime against PyTorch.
+        atol: Largest accepted absolute difference during validation.
+        context_encoder: Also export this DPR context encoder (hub id or directory).
+        include_index: Export the checkpoint's custom knowledge base.
+
+    Returns:
+        The output directory.
+
+    Raises:
+        ExportError: On any user-facing problem; nothing is left behind.
+    """
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, force)
+    if isinstance(model, Checkpoint):
+        ckpt = model
+    else:
+        with _step(f"loading {model}"):
+            ckpt = load_checkpoint(str(model))
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
+    try:
+        manifest = _export_into(ckpt, tmp, opset=opset, validate=validate, atol=atol,
+                                context_encoder=context_encoder, include_index=include_index)
+        (tmp / C.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+        _replace_dir(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _progress(f"wrote {output_dir}")
+    return output_dir
+
+
+def _replace_dir(tmp: Path, output_dir: Path) -> None:
+    if output_dir.exists():
+        backup = output_dir.with_name(f".{output_dir.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        output_dir.rename(backup)
+        tmp.rename(output_dir)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        tmp.rename(output_dir)
+
+
+def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, atol: float,
+                 context_encoder: str | None, include_index: bool) -> dict:
+    import onnx
+    import transformers
+
+    from . import validate as V
+
+    model = ckpt.model
+    generator = model.generator
+    gen_type = generator_type(generator)
+    dims = decoder_dims(generator)
+    q_vocab = model.question_encoder.config.vocab_size
+    torch.manual_seed(0)
+    graphs: dict[str, GraphSpec] = {}
+    validation: dict[str, dict[str, float]] = {}
+
+    with _step("exporting question_encoder"):
+        q_graph = DprEncoderGraph(model.question_encoder).eval()
+        q_path = _export_graph(q_graph, QUESTION_ENCODER_SPEC, _sample(q_vocab, 2, 8), out, opset)
+        graphs["question_encoder"] = QUESTION_ENCODER_SPEC
+
+    with _step(f"exporting generator_encoder ({gen_type})"):
+        enc_graph = GeneratorEncoderGraph(generator).eval()
+        ids, mask = _sample(dims["vocab"], 2, 9)
+        enc_path = _export_graph(enc_graph, ENCODER_SPEC, (ids, mask), out, opset)
+        graphs["generator_encoder"] = ENCODER_SPEC
+
+    with _step(f"exporting generator_decoder ({gen_type}, {dims['layers']} layers, KV cache)"):
+        dec = decoder_graph(generator).eval()
+        with torch.no_grad():
+            _, ck, cv = enc_graph(ids, mask)
+        past = torch.zeros(dims["layers"], 4, dims["heads"], 3, dims["head_dim"])
+        dec_ids = torch.randint(5, 50, (4, 1))
+        dec_path = _export_graph(dec, DECODER_SPEC, (dec_ids, past, past, ck, cv, mask), out, opset)
+        graphs["generator_decoder"] = DECODER_SPEC
+
+    ctx_meta = None
+    if context_encoder:
+        with _step(f"exporting context_encoder from {context_encoder}"):
+            ctx_meta = _export_context_encoder(context_encoder, out, opset, validate, atol, validation)
+            graphs["context_encoder"] = CONTEXT_ENCODER_SPEC
+
+    if validate:
+        with _step("validating graphs against PyTorch"):
+            validation["question_encoder"] = V.validate_encoder(
+                "question_encoder", q_path, q_graph, [C.QUESTION_EMBEDDING], q_vocab, atol)
+            validation["generator"] = V.validate_generator(
+                enc_path, dec_path, generator, dims, ckpt.generation_defaults["decoder_start_token_id"], atol)
+            for name, diffs in validation.items():
+                _progress(f"  {name}: " + ", ".join(f"{k} max|diff| {v:.2e}" for k, v in diffs.items()))
+
+    with _step("writing tokenizers"):
+        (out / "tokenizers").mkdir(exist_ok=True)
+        ckpt.question_tokenizer.backend_tokenizer.save(str(out / C.QUESTION_TOKENIZER_FILE))
+        ckpt.generator_tokenizer.backend_tokenizer.save(str(out / C.GENERATOR_TOKENIZER_FILE))
+
+    index_meta = None
+    cfg = model.config
+    if include_index and cfg.index_name == "custom":
+        from .knowledge import export_custom_index
+
+        with _step("exporting knowledge index"):
+            index_meta = export_custom_index(cfg, ckpt.source, out / C.INDEX_DIR)
+    elif include_index:
+        _progress(
+            f"knowledge index {cfg.dataset!r} ({cfg.index_name}) is not exported: it is the hub's multi-GB "
+            "wiki_dpr index. Build or import one and attach it later: rag-index attach OUT INDEX_DIR"
+        )
+
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    gen_tok, q_tok = ckpt.generator_tokenizer, ckpt.question_tokenizer
+    bos_for_rescoring = cfg.bos_token_id or getattr(cfg.generator, "bos_token_id", None)
+    return {
+        "format_version": C.FORMAT_VERSION,
+        "source": ckpt.source,
+        "kind": ckpt.kind,
+        "generator_type": gen_type,
+        "precision": "fp32",
+        "opset": opset,
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
+                     "onnx": onnx.__version__},
+        "graphs": {name: spec.to_manifest(sha256_file(out / spec.file)) for name, spec in graphs.items()},
+        "decoder": dims,
+        "question_embedding_dim": int(model.question_encoder.config.hidden_size
+                                      if not getattr(model.question_encoder.config, "projection_dim", 0)
+                                      else model.question_encoder.config.projection_dim),
+        "tokenizers": {
+            "question_encoder": {"file": C.QUESTION_TOKENIZER_FILE, **_tokenizer_info(q_tok)},
+            "generator": {"file": C.GENERATOR_TOKENIZER_FILE, **_tokenizer_info(gen_tok)},
+            **({"context_encoder": ctx_meta} if ctx_meta else {}),
+        },
+        "rag": {
+            **config_summary(cfg),
+            "prefix": getattr(cfg.generator, "prefix", None),
+            "rescoring_bos_token_id": bos_for_rescoring,
+            "generator_pad_token_id": cfg.generator.pad_token_id,
+        },
+        "generation_defaults": ckpt.generation_defaults,
+        "index": ({"dir": C.INDEX_DIR, **index_meta} if index_meta else None),
+        "validation": validation,
+        "files": {str(p.relative_to(out)): sha256_file(p) for p in files},
+    }
+
+
+def _export_context_encoder(source: str, out: Path, opset: int, validate: bool, atol: float,
+                            validation: dict) -> dict:
+    from transformers import AutoTokenizer, DPRContextEncoder
+
+    from . import validate as V
+
+    try:
+        encoder = DPRContextEncoder.from_pretrained(source).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot load DPR context encoder {source}: {str(e).splitlines()[0]}") from e
+    graph = DprEncoderGraph(encoder).eval()
+    path = _export_graph(graph, CONTEXT_ENCODER_SPEC, _sample(encoder.config.vocab_size, 2, 8), out, opset)
+    if validate:
+        validation["context_encoder"] = V.validate_encoder(
+            "context_encoder", path, graph, [C.PASSAGE_EMBEDDING], encoder.config.vocab_size, atol)
+    (out / "tokenizers").mkdir(exist_ok=True)
+    tokenizer.backend_tokenizer.save(str(out / C.CONTEXT_TOKENIZER_FILE))
+    return {"file": C.CONTEXT_TOKENIZER_FILE, **_tokenizer_info(tokenizer)}
