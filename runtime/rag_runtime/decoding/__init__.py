@@ -1,0 +1,1 @@
+"""Decoding algorithms in numpy over a generator backend: testable without onnxruntime."""

@@ -1,0 +1,165 @@
+"""Greedy and beam search over a ``step`` callable, with transformers 5.x semantics.
+
+``step(sequences)`` receives the running sequences ``[rows, cur_len]`` (rows ordered (item, beam)) and
+returns next-token logits ``[rows, vocab]`` float32 for their last position; the caller keeps its own
+KV cache. ``reorder(parents)`` tells the caller which row each new row continues (beam search only).
+
+The beam search is the vectorized one of transformers 5.x (``GenerationMixin._beam_search``): keep
+``2 * num_beams`` candidates per step, the best ``num_beams`` unfinished ones run on, the best finished
+ones (length-normalized) are kept, with its early-stopping heuristic. Scores are float32 as there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import processors as P
+
+Step = Callable[[np.ndarray], np.ndarray]
+Reorder = Callable[[np.ndarray], None]
+_BIG = np.float32(1.0e9)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Parameters of the search itself (score-shaping ones are in ``processors``).
+
+    Attributes:
+        num_beams: Beams per item (1 = greedy).
+        num_return_sequences: Finished hypotheses returned per item, best first.
+        length_penalty: Exponent of the length normalization of finished hypotheses.
+        early_stopping: True, False or "never", as in transformers.
+        pad_token_id: Id written after EOS.
+        eos_token_ids: End-of-sequence ids.
+    """
+
+    num_beams: int
+    num_return_sequences: int
+    length_penalty: float
+    early_stopping: bool | str
+    pad_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    shifted = x - m
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _topk(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest per row, best first; ties keep the lower index (like torch.topk on CPU)."""
+    return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+
+
+def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Gather along axis 1 with [batch, k] indices (transformers' _gather_beams)."""
+    while idx.ndim < x.ndim:
+        idx = idx[..., None]
+    return np.take_along_axis(x, idx, axis=1)
+
+
+def greedy(step: Step, start: np.ndarray, proc: P.ProcessorSettings, search: SearchSettings
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Returns sequences [rows, L] and the sum of the chosen tokens' processed scores per row."""
+    seqs = start.astype(np.int64)
+    rows = seqs.shape[0]
+    unfinished = np.ones(rows, dtype=bool)
+    totals = np.zeros(rows, dtype=np.float32)
+    pad = search.pad_token_id if search.pad_token_id is not None else search.eos_token_ids[0]
+    eos = np.asarray(search.eos_token_ids)
+    while True:
+        scores = P.apply(proc, seqs, step(seqs))
+        tokens = scores.argmax(axis=-1)
+        totals += np.where(unfinished, scores[np.arange(rows), tokens], 0).astype(np.float32)
+        tokens = np.where(unfinished, tokens, pad)
+        seqs = np.concatenate([seqs, tokens[:, None]], axis=1)
+        unfinished &= ~np.isin(tokens, eos)
+        if seqs.shape[1] >= proc.max_length:
+            unfinished[:] = False
+        if not unfinished.any():
+            return seqs, totals
+
+
+def beam_search(step: Step, reorder: Reorder, start: np.ndarray, proc: P.ProcessorSettings,
+                search: SearchSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Returns sequences [items * num_return_sequences, L] and their (length-normalized) scores."""
+    k = search.num_beams
+    rows, prompt_len = start.shape
+    batch = rows // k
+    max_length = proc.max_length
+    eos = np.asarray(search.eos_token_ids)
+    keep = max(2, 1 + len(eos)) * k
+    top_k_mask = np.arange(keep) < k
+    lp, early = search.length_penalty, search.early_stopping
+    pad = search.pad_token_id
+    # transformers: `pad_token_id or eos_token_id[0]` -- a pad id of 0 falls through to EOS.
+    fill = (pad or int(eos[0])) if len(eos) else -1
+
+    running = np.full((batch, k, max_length), fill, dtype=np.int64)
+    running[:, :, :prompt_len] = start.reshape(batch, k, prompt_len)
+    sequences = running.copy()
+    running_scores = np.zeros((batch, k), dtype=np.float32)
+    running_scores[:, 1:] = -_BIG
+    beam_scores = np.full((batch, k), -_BIG, dtype=np.float32)
+    finished = np.zeros((batch, k), dtype=bool)
+    unsatisfied = np.ones((batch, 1), dtype=bool)
+    running_len = np.zeros((batch, k), dtype=np.int64)  # generated tokens per running beam
+    lengths = np.zeros((batch, k), dtype=np.int64)
+    batch_offset = (np.arange(batch) * k)[:, None]
+    cur_len = prompt_len
+
+    while True:
+        flat = running[:, :, :cur_len].reshape(batch * k, cur_len)
+        log_probs = P.apply(proc, flat, log_softmax(step(flat).astype(np.float32)))
+        vocab = log_probs.shape[-1]
+        acc = (log_probs.reshape(batch, k, vocab) + running_scores[:, :, None]).reshape(batch, k * vocab)
+        top = _topk(acc, keep)
+        top_scores = np.take_along_axis(acc, top, axis=1)
+        parent, token = top // vocab, top % vocab
+        cand = _take(running, parent)
+        cand[:, :, cur_len] = token
+        cand_len = np.take_along_axis(running_len, parent, axis=1) + 1
+        parent_rows = parent + batch_offset
+
+        hits = np.isin(token, eos) | (cur_len + 1 >= max_length)
+
+        # The best `k` unfinished candidates run on.
+        run_scores = top_scores + hits.astype(np.float32) * -_BIG
+        nxt = _topk(run_scores, k)
+        running = _take(cand, nxt)
+        running_scores = np.take_along_axis(run_scores, nxt, axis=1)
+        running_len = np.take_along_axis(cand_len, nxt, axis=1)
+        chosen_parents = np.take_along_axis(parent_rows, nxt, axis=1)
+
+        # Finished candidates among the top `k` compete with the finished hypotheses so far.
+        just_finished = hits & top_k_mask[None, :]
+        normed = top_scores / np.float32((cur_len + 1 - prompt_len) ** lp)
+        full = finished.all(axis=-1, keepdims=True) & (early is True)
+        normed = normed + full.astype(np.float32) * -_BIG
+        normed = normed + (~unsatisfied).astype(np.float32) * -_BIG
+        normed = normed + (~just_finished).astype(np.float32) * -_BIG
+        merged_scores = np.concatenate([beam_scores, normed.astype(np.float32)], axis=1)
+        best = _topk(merged_scores, k)
+        sequences = _take(np.concatenate([sequences, cand], axis=1), best)
+        beam_scores = np.take_along_axis(merged_scores, best, axis=1)
+        lengths = np.take_along_axis(np.concatenate([lengths, cand_len], axis=1), best, axis=1)
+        finished = np.take_along_axis(np.concatenate([finished, just_finished], axis=1), best, axis=1)
+
+        reorder(chosen_parents.reshape(-1))
+        cur_len += 1
+
+        hypothetical = (max_length if (early == "never" and lp > 0.0) else cur_len) - prompt_len
+        best_running = running_scores[:, :1] / np.float32(hypothetical**lp)
+        worst_finished = np.where(finished, beam_scores.min(axis=1, keepdims=True), np.float32(-_BIG))
+        unsatisfied = unsatisfied & (best_running > worst_finished).any(axis=-1, keepdims=True)
+        done = (not unsatisfied.any()) or (finished.all() and early is True) or hits.all()
+        if done:
+            break
+
+    n = search.num_return_sequences
+    out_len = prompt_len + int(lengths[:, :n].max())
+    return sequences[:, :n, :out_len].reshape(batch * n, out_len), beam_scores[:, :n].reshape(-1)

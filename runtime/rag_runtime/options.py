@@ -1,0 +1,97 @@
+"""Generation options: transformers' parameter names, defaults from the export's manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Parameters of ``RagPipeline.generate``; ``None`` means "the checkpoint's default".
+
+    Attributes:
+        num_beams: Beams (1 = greedy).
+        max_length: Maximum answer length in tokens, decoder start token included.
+        min_length: Minimum answer length (EOS blocked before it).
+        n_docs: Passages retrieved and marginalized over per question.
+        num_return_sequences: Answers returned per question (at most num_beams, RAG-Token beam search).
+        no_repeat_ngram_size: Forbid repeating n-grams of this size (0 = off).
+        length_penalty: Exponent of the length normalization in beam search.
+        early_stopping: True, False or "never" (transformers' beam stopping rule).
+        repetition_penalty: Penalty for tokens already generated (1.0 = off).
+        forced_bos_token_id: Token forced first.
+        forced_eos_token_id: Token forced at max_length - 1.
+        bad_words_ids: Token sequences never generated.
+        do_deduplication: RAG-Sequence: drop duplicate candidates before rescoring.
+        fast_decoding: RAG-Sequence: skip rescoring candidates against passages that did not produce them
+            (an approximation; not token-identical to the reference's thorough decoding).
+    """
+
+    num_beams: int | None = None
+    max_length: int | None = None
+    min_length: int | None = None
+    n_docs: int | None = None
+    num_return_sequences: int | None = None
+    no_repeat_ngram_size: int | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | str | None = None
+    repetition_penalty: float | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    bad_words_ids: list[list[int]] | None = None
+    do_deduplication: bool | None = None
+    fast_decoding: bool = False
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> GenerationOptions:
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in kwargs:
+            if key not in names:
+                raise TypeError(f"generate() got an unexpected keyword argument {key!r}; "
+                                f"accepted are: {', '.join(sorted(names))}")
+        return cls(**kwargs)
+
+    def resolved(self, defaults: dict, n_docs_default: int, kind: str) -> GenerationOptions:
+        """Fill unset values from the manifest's defaults and validate the result."""
+        values = dataclasses.asdict(self)
+        for key, value in values.items():
+            if value is None and key in defaults:
+                values[key] = defaults[key]
+        if values["n_docs"] is None:
+            values["n_docs"] = n_docs_default
+        if values["num_return_sequences"] is None:
+            values["num_return_sequences"] = 1
+        opts = GenerationOptions(**values)
+        opts._validate(kind)
+        return opts
+
+    def _validate(self, kind: str) -> None:
+        def positive(name: str) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("num_beams", "max_length", "n_docs", "num_return_sequences"):
+            positive(name)
+        for name in ("min_length", "no_repeat_ngram_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})")
+        if kind == "token" and self.num_return_sequences > self.num_beams:
+            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
+                             f"({self.num_beams})")
+        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be a positive float, got {self.repetition_penalty!r}")
+        if not isinstance(self.length_penalty, (int, float)):
+            raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.bad_words_ids is not None and (
+            not isinstance(self.bad_words_ids, list)
+            or not all(isinstance(w, list) and w and all(isinstance(t, int) and t >= 0 for t in w)
+                       for w in self.bad_words_ids)
+        ):
+            raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids, got {self.bad_words_ids!r}")
