@@ -135,7 +135,9 @@ class RagPipeline:
             return self.generator_tokenizer.encode(texts, max_length=rag["max_combined_length"])
 
     def _decode(self, ctx_ids: np.ndarray, ctx_mask: np.ndarray, doc_scores: np.ndarray,
-                opts: GenerationOptions) -> Decoded:
+                opts: GenerationOptions, reference_width: int | None = None) -> Decoded:
+        """Decode from contexts. ``reference_width``: the width transformers would have padded the
+        contexts to (RAG-Sequence generates from them unmasked, see ``mask_context_padding``)."""
         d = self.defaults
         eos = tuple(d["eos_token_id"] or ())
         proc = P.ProcessorSettings(
@@ -146,11 +148,19 @@ class RagPipeline:
         )
         search = SearchSettings(opts.num_beams, opts.num_return_sequences, float(opts.length_penalty),
                                 opts.early_stopping, d["pad_token_id"], eos)
+        full_ids = ctx_ids.astype(np.int64)
         # Columns that are padding in every row change nothing (they are masked): drop them.
         width = int(ctx_mask.sum(axis=1).max()) if ctx_mask.size else 0
-        ctx_ids, ctx_mask = np.ascontiguousarray(ctx_ids[:, :width]), np.ascontiguousarray(ctx_mask[:, :width])
+        ctx_ids, ctx_mask = np.ascontiguousarray(full_ids[:, :width]), np.ascontiguousarray(ctx_mask[:, :width])
         with self.timer("generator_encode"):
-            state = self.generator.encode(ctx_ids.astype(np.int64), ctx_mask.astype(np.int64))
+            state = self.generator.encode(ctx_ids, ctx_mask.astype(np.int64))
+            generation_state = None
+            if self.kind == "sequence" and not opts.mask_context_padding:
+                pad = self.rag["generator_pad_token_id"]
+                wide = reference_width or full_ids.shape[1]
+                padded = np.full((full_ids.shape[0], wide), pad, dtype=np.int64)
+                padded[:, : min(wide, full_ids.shape[1])] = full_ids[:, :wide]
+                generation_state = self.generator.encode(padded, np.ones_like(padded))
         with self.timer("decode"):
             start = d["decoder_start_token_id"]
             if self.kind == "token":
@@ -161,7 +171,7 @@ class RagPipeline:
                 do_deduplication=bool(opts.do_deduplication), fast=opts.fast_decoding,
             )
             return rag_sequence(self.generator, state, doc_scores, start, proc, search, rescore,
-                                opts.num_return_sequences)
+                                opts.num_return_sequences, generation_state)
 
     def _options(self, kwargs: dict) -> GenerationOptions:
         opts = GenerationOptions.from_kwargs(**kwargs).resolved(
@@ -212,7 +222,7 @@ class RagPipeline:
         q_ids, emb = self._encode_questions(questions)
         doc_ids, doc_scores = self._retrieve(emb, opts.n_docs)
         ctx_ids, ctx_mask = self._contexts(q_ids, doc_ids)
-        decoded = self._decode(ctx_ids, ctx_mask, doc_scores, opts)
+        decoded = self._decode(ctx_ids, ctx_mask, doc_scores, opts, reference_width=self.rag["max_combined_length"])
         outputs = []
         for i, question in enumerate(questions):
             answers = [

@@ -110,17 +110,24 @@ class RescoreSettings:
 
 def rag_sequence(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, start_id: int,
                  proc: P.ProcessorSettings, search: SearchSettings, rescore: RescoreSettings,
-                 num_return_sequences: int) -> Decoded:
+                 num_return_sequences: int, generation_state: Any = None) -> Decoded:
     """RAG-Sequence thorough decoding: beam search per passage, then every candidate scored against
-    every passage of its question, marginalized, best ``num_return_sequences`` kept."""
+    every passage of its question, marginalized, best ``num_return_sequences`` kept.
+
+    ``generation_state`` (default: ``state``) is the encoder state the candidates are generated from;
+    ``state`` is the one they are rescored with. transformers generates from contexts whose padding is
+    not masked, and rescores with the mask: passing both reproduces that.
+    """
+    generation_state = state if generation_state is None else generation_state
     batch, n_docs = doc_scores.shape
     k = search.num_beams
     per_doc = SearchSettings(k, k, search.length_penalty, search.early_stopping, search.pad_token_id,
                              search.eos_token_ids)
     out_seqs, out_scores = [], []
     for q in range(batch):
-        q_state = backend.select(state, np.arange(q * n_docs, (q + 1) * n_docs))
-        session = backend.start(q_state, beams=k)
+        rows = np.arange(q * n_docs, (q + 1) * n_docs)
+        q_state = backend.select(state, rows)
+        session = backend.start(backend.select(generation_state, rows), beams=k)
         start = np.full((n_docs * k, 1), start_id, dtype=np.int64)
 
         def step(seqs: np.ndarray, session=session) -> np.ndarray:
