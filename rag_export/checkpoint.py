@@ -111,6 +111,13 @@ def resolve_generation_defaults(model, kind: str) -> dict:
     if out["pad_token_id"] is None and out["eos_token_id"]:
         out["pad_token_id"] = out["eos_token_id"][0]
     if kind == "sequence":
+        if out["max_length"] is None:
+            # generator.generate() treats an unset max_length as "20 new tokens": 20 + the decoder prompt
+            # (the start token), capped at the generator's position limit.
+            out["max_length"] = 21
+            limit = getattr(gen_cfg, "max_position_embeddings", None)
+            if limit is not None:
+                out["max_length"] = min(out["max_length"], limit)
         out["num_beams"] = getattr(cfg, "num_beams", None) or 1
         out["num_return_sequences"] = getattr(cfg, "num_return_sequences", None) or 1
     for key, default in (("num_beams", 1), ("num_return_sequences", 1), ("min_length", 0), ("max_length", 20),

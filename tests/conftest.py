@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny RAG checkpoints built offline once per session, their exports and references.
+
+Set RAG_EXPORT_TEST_CACHE=DIR to keep the checkpoints and exports between runs (they are rebuilt when
+the directory lacks them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMBOS = [("token", "bart"), ("token", "t5"), ("sequence", "bart"), ("sequence", "t5")]
+
+
+def _factory():
+    spec = importlib.util.spec_from_file_location("make_tiny_rag", ROOT / "scripts" / "make_tiny_rag.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_tiny_rag"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def work_dir(tmp_path_factory) -> Path:
+    cache = os.environ.get("RAG_EXPORT_TEST_CACHE")
+    if cache:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        return Path(cache)
+    return tmp_path_factory.mktemp("rag")
+
+
+def build_checkpoint(work_dir: Path, kind: str, generator: str) -> Path:
+    path = work_dir / f"ckpt-{kind}-{generator}"
+    if not (path / "config.json").exists():
+        factory = _factory()
+        factory.build(path, kind, generator, "tiny", factory.DEFAULT_CORPUS, seed=0, n_passages=0, n_docs=5,
+                      index_type="Flat")
+    return path
+
+
+def build_export(work_dir: Path, kind: str, generator: str) -> Path:
+    from rag_export import export
+
+    out = work_dir / f"export-{kind}-{generator}"
+    if not (out / "manifest.json").exists():
+        ckpt = build_checkpoint(work_dir, kind, generator)
+        export(str(ckpt), out, force=True, context_encoder=str(ckpt / "context_encoder"))
+    return out
+
+
+class Bundle:
+    """A tiny checkpoint, its export, the transformers reference and the runtime pipeline."""
+
+    def __init__(self, work_dir: Path, kind: str, generator: str):
+        self.kind, self.generator = kind, generator
+        self.checkpoint = build_checkpoint(work_dir, kind, generator)
+        self.export = build_export(work_dir, kind, generator)
+        self._reference = self._pipeline = None
+
+    @property
+    def reference(self):
+        if self._reference is None:
+            from rag_export.reference import Reference
+
+            self._reference = Reference(str(self.checkpoint))
+        return self._reference
+
+    @property
+    def pipeline(self):
+        if self._pipeline is None:
+            from rag_runtime import RagPipeline
+
+            self._pipeline = RagPipeline.load(self.export)
+        return self._pipeline
+
+
+@pytest.fixture(scope="session")
+def bundles(work_dir) -> dict[tuple[str, str], Bundle]:
+    return {combo: Bundle(work_dir, *combo) for combo in COMBOS}
+
+
+@pytest.fixture(scope="session")
+def questions() -> list[str]:
+    lines = (ROOT / "scripts" / "data" / "questions.txt").read_text().splitlines()
+    return [q for q in lines if q.strip()]
