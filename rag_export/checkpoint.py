@@ -42,6 +42,12 @@ class Checkpoint:
         return self.model.config
 
 
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else that does not exist is a mistyped path."""
+    parent = os.path.dirname(source)
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or bool(parent and os.path.isdir(parent))
+
+
 def _read_config(source: str) -> dict:
     from transformers import PretrainedConfig
 
@@ -50,7 +56,7 @@ def _read_config(source: str) -> dict:
     except (OSError, ValueError) as e:
         if os.path.isdir(source):
             raise ExportError(f"{source} has no config.json: not a transformers checkpoint") from e
-        if os.path.sep in source or source.startswith("."):
+        if _looks_like_path(source):
             raise ExportError(f"no such checkpoint directory: {source}") from e
         raise ExportError(
             f"cannot load {source!r}: not a local directory and not reachable as a hub model id "
@@ -135,6 +141,11 @@ def load_checkpoint(source: str) -> Checkpoint:
     from transformers import RagSequenceForGeneration, RagTokenForGeneration, RagTokenizer
 
     cls = RagTokenForGeneration if kind == "token" else RagSequenceForGeneration
+    if os.path.isdir(source):
+        for sub in ("question_encoder_tokenizer", "generator_tokenizer"):
+            if not os.path.isdir(os.path.join(source, sub)):
+                raise ExportError(f"{source} has no {sub}/ folder: the checkpoint's tokenizers are missing "
+                                  "(save them with RagTokenizer.save_pretrained)")
     try:
         tokenizer = RagTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as e:

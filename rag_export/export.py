@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-
 from rag_runtime import constants as C
 
 from .checkpoint import Checkpoint, config_summary, load_checkpoint
@@ -75,14 +74,14 @@ def _check_output_dir(output_dir: Path, force: bool) -> None:
         raise ExportError(f"output directory {output_dir} is not empty; pass --force to replace it")
 
 
-def _tokenizer_info(tok) -> dict:
+def _tokenizer_info(tok, max_positions: int | None = None) -> dict:
     model_type = type(tok.backend_tokenizer.model).__name__
     cleanup = bool(tok.clean_up_tokenization_spaces) and not (
         model_type == "BPE"
         and not getattr(tok, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
     )
     return {"clean_up_tokenization_spaces": cleanup, "pad_token_id": tok.pad_token_id,
-            "model_max_length": min(int(tok.model_max_length), 1_000_000), "model": model_type}
+            "model_max_length": min(int(tok.model_max_length), max_positions or 1_000_000), "model": model_type}
 
 
 def _sample(vocab: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +242,8 @@ def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, ato
                                       if not getattr(model.question_encoder.config, "projection_dim", 0)
                                       else model.question_encoder.config.projection_dim),
         "tokenizers": {
-            "question_encoder": {"file": C.QUESTION_TOKENIZER_FILE, **_tokenizer_info(q_tok)},
+            "question_encoder": {"file": C.QUESTION_TOKENIZER_FILE, **_tokenizer_info(
+                q_tok, getattr(model.question_encoder.config, "max_position_embeddings", None))},
             "generator": {"file": C.GENERATOR_TOKENIZER_FILE, **_tokenizer_info(gen_tok)},
             **({"context_encoder": ctx_meta} if ctx_meta else {}),
         },

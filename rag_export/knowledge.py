@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
 from rag_runtime import constants as C
 
 from .errors import ExportError

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from rag_runtime import constants as C
+from torch import nn
 
 from . import GraphSpec
 

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up .venv (from nothing but python3) and run the linter and the test suite.
+# Extra arguments go to pytest, e.g.  bash scripts/test.sh -k parity
+. "$(dirname "$0")/_env.sh" dev
+echo "== ruff" >&2
+ruff check .
+echo "== pytest" >&2
+python -m pytest -q "$@"

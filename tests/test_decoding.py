@@ -1,0 +1,74 @@
+"""The numpy logits processors against transformers' own, on random scores (no model needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from rag_runtime.decoding import processors as P
+from rag_runtime.decoding.rag import logsumexp
+from rag_runtime.decoding.search import log_softmax
+from transformers.generation import logits_process as LP
+
+VOCAB = 40
+
+
+@pytest.fixture
+def batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 8, size=(6, 7)).astype(np.int64)  # small id range: repeats and n-gram hits
+    scores = rng.normal(size=(6, VOCAB)).astype(np.float32)
+    return ids, scores
+
+
+def _ref(processor, ids, scores):
+    return processor(torch.from_numpy(ids), torch.from_numpy(scores.copy())).numpy()
+
+
+@pytest.mark.parametrize("penalty", [0.7, 1.3, 2.0])
+def test_repetition_penalty(batch, penalty):
+    ids, scores = batch
+    np.testing.assert_array_equal(P.repetition_penalty(ids, scores, penalty),
+                                  _ref(LP.RepetitionPenaltyLogitsProcessor(penalty), ids, scores))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8])
+def test_no_repeat_ngram(batch, n):
+    ids, scores = batch
+    got = P.no_repeat_ngram(ids, scores, n)
+    np.testing.assert_array_equal(got, _ref(LP.NoRepeatNGramLogitsProcessor(n), ids, scores))
+    if n <= 2:
+        assert np.isinf(got).any(), "the fixture should trigger some bans"
+
+
+def test_bad_words(batch):
+    ids, scores = batch
+    words = [[5], [2, 3], [ids[0, -1].item(), 9], [1, 2, 3, 4], [7]]
+    eos = [7]
+    np.testing.assert_array_equal(P.bad_words(ids, scores, words, eos),
+                                  _ref(LP.NoBadWordsLogitsProcessor(words, eos), ids, scores))
+
+
+@pytest.mark.parametrize("length", [3, 7, 8])
+def test_min_length(batch, length):
+    ids, scores = batch
+    np.testing.assert_array_equal(P.min_length(ids, scores, length, [2, 5]),
+                                  _ref(LP.MinLengthLogitsProcessor(length, [2, 5]), ids, scores))
+
+
+def test_forced_bos_and_eos(batch):
+    ids, scores = batch
+    settings = P.ProcessorSettings(max_length=8, forced_bos_token_id=0, forced_eos_token_id=2, eos_token_ids=(2,))
+    np.testing.assert_array_equal(P.apply(settings, ids[:, :1], scores),
+                                  _ref(LP.ForcedBOSTokenLogitsProcessor(0), ids[:, :1], scores))
+    np.testing.assert_array_equal(P.apply(settings, ids, scores),
+                                  _ref(LP.ForcedEOSTokenLogitsProcessor(8, 2), ids, scores))
+
+
+def test_log_softmax_and_logsumexp_match_torch(batch):
+    _, scores = batch
+    np.testing.assert_allclose(log_softmax(scores), torch.log_softmax(torch.from_numpy(scores), -1).numpy(),
+                               rtol=1e-6, atol=1e-6)
+    x = scores.reshape(2, 3, VOCAB)
+    x[0, :, 4] = -np.inf
+    np.testing.assert_allclose(logsumexp(x, axis=1), torch.logsumexp(torch.from_numpy(x), 1).numpy(), rtol=1e-6, atol=1e-6)

@@ -1,0 +1,166 @@
+"""rag-export: graphs, manifest, validation, and every failure mode of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import COMBOS, build_checkpoint
+from rag_runtime import constants as C
+
+from rag_export import ValidationError, export
+from rag_export.cli import main as export_main
+from rag_export.export import sha256_file
+
+
+@pytest.mark.parametrize(("kind", "generator"), COMBOS, ids=[f"{k}-{g}" for k, g in COMBOS])
+def test_export_layout_and_manifest(bundles, kind, generator):
+    out = bundles[(kind, generator)].export
+    manifest = json.loads((out / C.MANIFEST_FILE).read_text())
+    assert manifest["kind"] == kind and manifest["generator_type"] == generator
+    assert set(manifest["graphs"]) == {"question_encoder", "generator_encoder", "generator_decoder", "context_encoder"}
+    for rel, digest in manifest["files"].items():
+        assert sha256_file(out / rel) == digest, rel
+    for name, graph in manifest["graphs"].items():
+        assert manifest["files"][graph["file"]] == graph["sha256"]
+        session = ort.InferenceSession(str(out / graph["file"]), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == [i["name"] for i in graph["inputs"]], name
+        assert [o.name for o in session.get_outputs()] == [o["name"] for o in graph["outputs"]], name
+    decoder = onnx.load(str(out / C.GENERATOR_DECODER_FILE), load_external_data=False)
+    assert not any(n.op_type in ("If", "Loop") for n in decoder.graph.node), "decoder must be one branch-free graph"
+    for key in ("n_docs", "title_sep", "doc_sep", "max_combined_length", "do_deduplication", "prefix"):
+        assert key in manifest["rag"]
+    for key in ("num_beams", "max_length", "min_length", "no_repeat_ngram_size", "length_penalty",
+                "early_stopping", "decoder_start_token_id", "eos_token_id", "pad_token_id"):
+        assert manifest["generation_defaults"][key] is not None, key
+    assert manifest["index"]["count"] == 320
+    assert manifest["validation"]["generator"]["logits (5 cached steps)"] < 1e-3
+
+
+def test_generation_defaults_are_what_transformers_uses(bundles):
+    """The manifest's defaults reproduce a parameterless reference call (checked token by token in the
+    parity grid's `defaults` case); here: the values themselves come from the loaded model."""
+    for (kind, _), bundle in bundles.items():
+        defaults = json.loads((bundle.export / C.MANIFEST_FILE).read_text())["generation_defaults"]
+        model = bundle.reference.model
+        gc = model.generation_config if kind == "token" else model.generator.generation_config
+        assert defaults["no_repeat_ngram_size"] == (gc.no_repeat_ngram_size or 0)
+        if kind == "token":
+            assert defaults["num_beams"] == gc.num_beams
+        else:
+            assert defaults["num_beams"] == (getattr(model.config, "num_beams", None) or 1)
+
+
+def test_decoder_validation_failure_names_output_and_leaves_nothing(work_dir, tmp_path):
+    ckpt = build_checkpoint(work_dir, "token", "bart")
+    out = tmp_path / "out"
+    with pytest.raises(ValidationError, match=r"generator.*max diff|differs from PyTorch by") as err:
+        export(str(ckpt), out, atol=0.0, include_index=False)
+    assert err.value.max_diff > 0 and err.value.output
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [], "a failed export must not leave temp directories"
+
+
+def test_refuses_non_empty_output_unless_force(work_dir, tmp_path, capsys):
+    ckpt = build_checkpoint(work_dir, "token", "t5")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert export_main([str(ckpt), str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert export_main([str(ckpt), str(out), "--force", "--no-validate"]) == 0
+    assert not (out / "keep.txt").exists() and (out / C.MANIFEST_FILE).exists()
+    assert oct(out.stat().st_mode & 0o777) != oct(0o700)
+
+
+def _error(argv: list[str], capsys) -> str:
+    assert export_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]
+    assert last.startswith("rag-export: error:") and "Traceback" not in err
+    return last
+
+
+def test_nonexistent_path(tmp_path, capsys):
+    err = _error([str(tmp_path / "missing"), str(tmp_path / "out")], capsys)
+    assert "no such checkpoint directory" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_hub_id_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = _error(["no-such-org/no-such-rag-model", str(tmp_path / "out")], capsys)
+    assert "hub model id" in err
+
+
+def test_not_a_rag_checkpoint(tmp_path, capsys):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    d = tmp_path / "bart"
+    BartForConditionalGeneration(BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
+                                            encoder_attention_heads=2, decoder_attention_heads=2,
+                                            encoder_ffn_dim=16, decoder_ffn_dim=16)).save_pretrained(d)
+    err = _error([str(d), str(tmp_path / "out")], capsys)
+    assert "not a RAG generation checkpoint (found BartForConditionalGeneration)" in err
+
+
+def _copy(work_dir: Path, tmp_path: Path) -> Path:
+    src = build_checkpoint(work_dir, "token", "bart")
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unsupported_generator(work_dir, tmp_path, capsys):
+    ckpt = _copy(work_dir, tmp_path)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["generator"]["model_type"] = "pegasus"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    err = _error([str(ckpt), str(tmp_path / "out")], capsys)
+    assert "unsupported generator 'pegasus'; supported are: bart, t5" in err
+
+
+def test_missing_weights(work_dir, tmp_path, capsys):
+    ckpt = _copy(work_dir, tmp_path)
+    (ckpt / "model.safetensors").unlink()
+    err = _error([str(ckpt), str(tmp_path / "out")], capsys)
+    assert "weights" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_tokenizer(work_dir, tmp_path, capsys):
+    ckpt = _copy(work_dir, tmp_path)
+    shutil.rmtree(ckpt / "generator_tokenizer")
+    err = _error([str(ckpt), str(tmp_path / "out")], capsys)
+    assert "tokenizer" in err
+
+
+def test_missing_knowledge_base(work_dir, tmp_path, capsys):
+    ckpt = _copy(work_dir, tmp_path)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["index_path"] = str(tmp_path / "gone.faiss")
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    err = _error([str(ckpt), str(tmp_path / "out"), "--no-validate"], capsys)
+    assert "index_path does not exist" in err and "--no-index" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_without_index_then_runtime_still_serves_contexts(work_dir, tmp_path):
+    from rag_runtime import IndexUnavailableError, RagPipeline
+
+    ckpt = build_checkpoint(work_dir, "token", "bart")
+    out = export(str(ckpt), tmp_path / "noindex", include_index=False, validate=False)
+    pipe = RagPipeline.load(out)
+    with pytest.raises(IndexUnavailableError, match="no knowledge index"):
+        pipe.generate(["who wrote hamlet?"])
+    with pytest.raises(IndexUnavailableError, match="rag-index attach"):
+        pipe.retrieve(["who wrote hamlet?"])
+    ids = np.array([[0, 100, 200, 2], [0, 300, 2, 1]], dtype=np.int64)
+    mask = (ids != 1).astype(np.int64)
+    rows = pipe.generate_from_context(ids, mask, np.array([[1.0, 0.5]], dtype=np.float32), num_beams=2, max_length=6)
+    assert rows.shape[0] == 1 and rows[0, 0] == pipe.defaults["decoder_start_token_id"]

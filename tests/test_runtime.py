@@ -1,0 +1,143 @@
+"""rag_runtime: import hygiene, API contract, bad input, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from rag_runtime import ArtifactError, RagPipeline
+from rag_runtime import constants as C
+from rag_runtime.cli import main as generate_main
+
+
+def test_runtime_answers_without_torch_transformers_or_datasets(bundles, questions):
+    export = bundles[("token", "bart")].export
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "datasets"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        from rag_runtime import RagPipeline
+        r = RagPipeline.load({str(export)!r}).generate([{questions[0]!r}], num_beams=2, max_length=8)[0]
+        assert r.answers[0].token_ids and len(r.docs) == 5
+        assert not any(m.split(".")[0] in ("torch", "transformers", "datasets") for m in sys.modules)
+        print("ok", r.answers[0].token_ids)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok [")
+
+
+def test_empty_inputs(bundles):
+    pipe = bundles[("token", "bart")].pipeline
+    assert pipe.generate([]) == []
+    assert pipe.retrieve([]) == []
+
+
+def test_empty_question_answers_like_the_reference(bundles):
+    bundle = bundles[("token", "bart")]
+    params = dict(num_beams=2, max_length=10)
+    ref = bundle.reference.generate([""], **params)[0]
+    got = bundle.pipeline.generate([""], **params)[0]
+    assert got.answers[0].token_ids == [t for t in ref.sequences[0].tolist() if t != bundle.pipeline.defaults["pad_token_id"]]
+
+
+def test_overlong_question_is_truncated(bundles, caplog):
+    pipe = bundles[("token", "t5")].pipeline
+    long_q = "who wrote the play " * 200
+    with caplog.at_level("WARNING"):
+        r = pipe.generate([long_q], num_beams=1, max_length=5)[0]
+    assert "truncated" in caplog.text
+    assert r.answers[0].token_ids
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    (dict(beams=2), TypeError, "unexpected keyword argument 'beams'"),
+    (dict(num_beams=0), ValueError, "num_beams must be a positive integer"),
+    (dict(num_beams=2, num_return_sequences=3), ValueError, "num_return_sequences"),
+    (dict(max_length=5, min_length=9), ValueError, "min_length"),
+    (dict(early_stopping="sometimes"), ValueError, "early_stopping"),
+    (dict(n_docs=-1), ValueError, "n_docs"),
+    (dict(bad_words_ids=[[]]), ValueError, "bad_words_ids"),
+    (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
+])
+def test_invalid_generation_parameters(bundles, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        bundles[("token", "bart")].pipeline.generate(["a question"], **kwargs)
+
+
+def test_n_docs_beyond_the_index(bundles):
+    with pytest.raises(ValueError, match="exceeds the 320 passages"):
+        bundles[("token", "bart")].pipeline.retrieve(["q"], n_docs=400)
+
+
+def test_corrupted_export_is_refused_at_load(bundles, tmp_path):
+    src = bundles[("sequence", "bart")].export
+    dst = tmp_path / "export"
+    shutil.copytree(src, dst)
+    with open(dst / C.GENERATOR_DECODER_FILE, "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(ArtifactError, match="generator_decoder.onnx does not match its sha256"):
+        RagPipeline.load(dst)
+
+
+def test_missing_file_and_missing_manifest(bundles, tmp_path):
+    with pytest.raises(ArtifactError, match="does not exist"):
+        RagPipeline.load(tmp_path / "nope")
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        RagPipeline.load(tmp_path)
+    dst = tmp_path / "export"
+    shutil.copytree(bundles[("token", "t5")].export, dst)
+    (dst / C.GENERATOR_TOKENIZER_FILE).unlink()
+    with pytest.raises(ArtifactError, match="generator.json is missing"):
+        RagPipeline.load(dst)
+
+
+def test_cuda_without_cuda_provider_names_the_package(bundles):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has a CUDA provider")  # the CPU-only CI always runs this test
+    with pytest.raises(ValueError, match="onnxruntime-gpu"):
+        RagPipeline.load(bundles[("token", "bart")].export, device="cuda")
+
+
+def test_generate_from_context_validates_shapes(bundles):
+    pipe = bundles[("token", "bart")].pipeline
+    with pytest.raises(ValueError, match="expected batch"):
+        pipe.generate_from_context(np.ones((3, 4), np.int64), np.ones((3, 4), np.int64), np.zeros((1, 2), np.float32))
+
+
+def test_rag_sequence_fast_decoding_is_an_approximation_that_runs(bundles, questions):
+    pipe = bundles[("sequence", "bart")].pipeline
+    thorough = pipe.generate(questions[:2], num_beams=2, max_length=8, num_return_sequences=2)
+    fast = pipe.generate(questions[:2], num_beams=2, max_length=8, num_return_sequences=2, fast_decoding=True)
+    for t, f in zip(thorough, fast, strict=True):
+        assert len(f.answers) == 2
+        # Every fast answer is one of the candidates thorough decoding ranked (same beams, other scores).
+        assert all(a.token_ids[0] == pipe.defaults["decoder_start_token_id"] for a in f.answers)
+        assert [d.id for d in f.docs] == [d.id for d in t.docs]
+
+
+def test_rag_generate_cli_json(bundles, questions, capsys):
+    export = bundles[("token", "t5")].export
+    assert generate_main([str(export), questions[0], questions[1], "--json", "--num-beams", "2",
+                          "--max-length", "8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    first = json.loads(lines[0])
+    assert first["question"] == questions[0] and len(first["docs"]) == 5 and first["answers"][0]["token_ids"]
+
+
+def test_rag_generate_cli_bad_input(bundles, capsys):
+    assert generate_main([str(bundles[("token", "t5")].export), "q", "--num-beams", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rag-generate: error: num_beams") and "Traceback" not in err
