@@ -46,6 +46,20 @@ class StageTimer:
         return _Ctx()
 
 
+class _TimedSession:
+    """An onnxruntime session whose ``run`` time is added to the timer's ``onnxruntime`` total."""
+
+    def __init__(self, session, timer: StageTimer):
+        self._session, self._timer = session, timer
+
+    def run(self, *args, **kwargs):
+        with self._timer("onnxruntime"):
+            return self._session.run(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
 def contextualize(title: str, text: str, question: str, prefix: str | None, title_sep: str, doc_sep: str) -> str:
     """One generator input string, exactly as transformers' RagRetriever.postprocess_docs builds it."""
     title = title.removeprefix('"').removesuffix('"')
@@ -64,17 +78,17 @@ class RagPipeline:
         self.rag: dict = manifest["rag"]
         self.defaults: dict = manifest["generation_defaults"]
         graphs = manifest["graphs"]
-        self._q_session = create_session(root / graphs["question_encoder"]["file"], device, threads)
-        self.generator = OnnxGenerator(
-            create_session(root / graphs["generator_encoder"]["file"], device, threads),
-            create_session(root / graphs["generator_decoder"]["file"], device, threads),
-            manifest["decoder"],
-        )
+        self.timer = StageTimer()
+
+        def session(name: str):
+            return _TimedSession(create_session(root / graphs[name]["file"], device, threads), self.timer)
+
+        self._q_session = session("question_encoder")
+        self.generator = OnnxGenerator(session("generator_encoder"), session("generator_decoder"), manifest["decoder"])
         toks = manifest["tokenizers"]
         self.question_tokenizer = TextTokenizer(root / toks["question_encoder"]["file"], toks["question_encoder"])
         self.generator_tokenizer = TextTokenizer(root / toks["generator"]["file"], toks["generator"])
         self.index = KnowledgeIndex(root / manifest["index"]["dir"], device) if manifest.get("index") else None
-        self.timer = StageTimer()
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", *, threads: int | None = None,

@@ -1,0 +1,1 @@
+"""Benchmarks: rag_runtime against the transformers reference."""
