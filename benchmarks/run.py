@@ -102,9 +102,9 @@ def _pct(values: list[float], q: float) -> float:
 def measure(ckpt: Path, export_dir: Path, questions: list[str], batch: int, params: dict, threads: int | None,
             rounds: int) -> dict:
     import torch
-    from rag_runtime import RagPipeline
 
     from rag_export.reference import Reference
+    from rag_runtime import RagPipeline
 
     torch.set_num_threads(threads or os.cpu_count())
     pipe = RagPipeline.load(export_dir, threads=threads)

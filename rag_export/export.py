@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
 from rag_runtime import constants as C
 
 from .checkpoint import Checkpoint, config_summary, load_checkpoint

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+
 from rag_runtime import constants as C
 
 from .errors import ExportError

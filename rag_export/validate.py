@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import torch
+
 from rag_runtime import constants as C
 
 from .errors import ValidationError

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers.generation import logits_process as LP
+
 from rag_runtime.decoding import processors as P
 from rag_runtime.decoding.rag import logsumexp
 from rag_runtime.decoding.search import log_softmax
-from transformers.generation import logits_process as LP
 
 VOCAB = 40
 

@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import COMBOS, build_checkpoint
-from rag_runtime import constants as C
 
+from conftest import COMBOS, build_checkpoint
 from rag_export import ValidationError, export
 from rag_export.cli import main as export_main
 from rag_export.export import sha256_file
+from rag_runtime import constants as C
 
 
 @pytest.mark.parametrize(("kind", "generator"), COMBOS, ids=[f"{k}-{g}" for k, g in COMBOS])

@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+
 from rag_runtime import ArtifactError, RagPipeline
 from rag_runtime import constants as C
 from rag_runtime.cli import main as generate_main

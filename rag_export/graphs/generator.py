@@ -9,9 +9,10 @@ the first step passes a zero-length past, so one graph serves every step with no
 from __future__ import annotations
 
 import torch
-from rag_runtime import constants as C
 from torch import nn
 from torch.nn import functional as F
+
+from rag_runtime import constants as C
 
 from . import GraphSpec
 from .attention import (

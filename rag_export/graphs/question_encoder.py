@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from rag_runtime import constants as C
 from torch import nn
+
+from rag_runtime import constants as C
 
 from . import GraphSpec
 
