@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-encoder", metavar="PATH_OR_ID", help="also export this DPR context encoder")
     p.add_argument("--no-index", dest="include_index", action="store_false",
                    help="do not export the checkpoint's knowledge index")
+    p.add_argument("--quantize", choices=["int8"], help="dynamic int8 weights for CPU (reports drift vs fp32)")
     p.add_argument("-v", "--verbose", action="store_true", help="log transformers' messages too")
     return p
 
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         export(args.model, args.output, force=args.force, opset=args.opset, validate=args.validate,
-               atol=args.atol, context_encoder=args.context_encoder, include_index=args.include_index)
+               atol=args.atol, context_encoder=args.context_encoder, include_index=args.include_index,
+               quantize=args.quantize)
     except ExportError as e:
         print(f"rag-export: error: {e}", file=sys.stderr)
         return 2

@@ -102,6 +102,7 @@ def export(
     atol: float = DEFAULT_ATOL,
     context_encoder: str | None = None,
     include_index: bool = True,
+    quantize: str | None = None,
 ) -> Path:
     """Export a RAG checkpoint into an artifact directory for ``rag_runtime``.
 
@@ -114,6 +115,8 @@ def export(
         atol: Largest accepted absolute difference during validation.
         context_encoder: Also export this DPR context encoder (hub id or directory).
         include_index: Export the checkpoint's custom knowledge base.
+        quantize: ``"int8"``: dynamic int8 quantization of the graphs' weights (CPU). The fp32 graphs are
+            validated first; the int8 drift against PyTorch is measured and recorded, not enforced.
 
     Returns:
         The output directory.
@@ -122,6 +125,8 @@ def export(
         ExportError: On any user-facing problem; nothing is left behind.
     """
     output_dir = Path(output_dir)
+    if quantize not in (None, "int8"):
+        raise ExportError(f"unsupported quantization {quantize!r}; supported are: int8")
     _check_output_dir(output_dir, force)
     if isinstance(model, Checkpoint):
         ckpt = model
@@ -135,7 +140,7 @@ def export(
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
     try:
         manifest = _export_into(ckpt, tmp, opset=opset, validate=validate, atol=atol,
-                                context_encoder=context_encoder, include_index=include_index)
+                                context_encoder=context_encoder, include_index=include_index, quantize=quantize)
         (tmp / C.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=False))
         _replace_dir(tmp, output_dir)
     except BaseException:
@@ -157,7 +162,7 @@ def _replace_dir(tmp: Path, output_dir: Path) -> None:
 
 
 def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, atol: float,
-                 context_encoder: str | None, include_index: bool) -> dict:
+                 context_encoder: str | None, include_index: bool, quantize: str | None = None) -> dict:
     import onnx
     import transformers
 
@@ -207,6 +212,19 @@ def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, ato
             for name, diffs in validation.items():
                 _progress(f"  {name}: " + ", ".join(f"{k} max|diff| {v:.2e}" for k, v in diffs.items()))
 
+    if quantize == "int8":
+        with _step("quantizing graphs to int8 (dynamic, weights per channel)"):
+            for spec in graphs.values():
+                _quantize_int8(out / spec.file)
+            inf = float("inf")
+            validation["int8_drift"] = {
+                **V.validate_encoder("question_encoder", q_path, q_graph, [C.QUESTION_EMBEDDING], q_vocab, inf),
+                **V.validate_generator(enc_path, dec_path, generator, dims,
+                                       ckpt.generation_defaults["decoder_start_token_id"], inf),
+            }
+            _progress("  int8 drift vs PyTorch fp32: " + ", ".join(
+                f"{k} max|diff| {v:.2e}" for k, v in validation["int8_drift"].items()))
+
     with _step("writing tokenizers"):
         (out / "tokenizers").mkdir(exist_ok=True)
         ckpt.question_tokenizer.backend_tokenizer.save(str(out / C.QUESTION_TOKENIZER_FILE))
@@ -233,7 +251,7 @@ def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, ato
         "source": ckpt.source,
         "kind": ckpt.kind,
         "generator_type": gen_type,
-        "precision": "fp32",
+        "precision": quantize or "fp32",
         "opset": opset,
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
                      "onnx": onnx.__version__},
@@ -259,6 +277,15 @@ def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, ato
         "validation": validation,
         "files": {str(p.relative_to(out)): sha256_file(p) for p in files},
     }
+
+
+def _quantize_int8(path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_suffix(".int8.onnx")
+    quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul", "Gemm"])
+    tmp.replace(path)
 
 
 def _export_context_encoder(source: str, out: Path, opset: int, validate: bool, atol: float,

@@ -76,8 +76,8 @@ class Reference:
         for i, q in enumerate(questions):
             seqs = self.generate_ids([q], **kwargs)
             enc = self.encode([q])
-            out = self.model(enc.input_ids.repeat(seqs.shape[0], 1), labels=seqs, exclude_bos_score=True,
-                             n_docs=n_docs or self.model.config.n_docs)
+            # Exactly the call generate() ranks its candidates with (it passes no n_docs).
+            out = self.model(enc.input_ids.repeat(seqs.shape[0], 1), labels=seqs, exclude_bos_score=True)
             results.append(ReferenceResult(seqs.numpy(), (-out.loss).numpy(), doc_ids[i], doc_scores[i]))
         return results
 

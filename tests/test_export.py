@@ -11,8 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import COMBOS, build_checkpoint
-from rag_export import ValidationError, export
+from conftest import COMBOS, build_checkpoint, build_export
+from rag_export import ExportError, ValidationError, export
 from rag_export.cli import main as export_main
 from rag_export.export import sha256_file
 from rag_runtime import constants as C
@@ -164,3 +164,23 @@ def test_export_without_index_then_runtime_still_serves_contexts(work_dir, tmp_p
     mask = (ids != 1).astype(np.int64)
     rows = pipe.generate_from_context(ids, mask, np.array([[1.0, 0.5]], dtype=np.float32), num_beams=2, max_length=6)
     assert rows.shape[0] == 1 and rows[0, 0] == pipe.defaults["decoder_start_token_id"]
+
+
+def test_int8_export_records_drift_and_serves(work_dir, tmp_path, questions):
+    from rag_runtime import RagPipeline
+
+    ckpt = build_checkpoint(work_dir, "token", "bart")
+    out = export(str(ckpt), tmp_path / "int8", quantize="int8", include_index=True)
+    manifest = json.loads((out / C.MANIFEST_FILE).read_text())
+    assert manifest["precision"] == "int8"
+    drift = manifest["validation"]["int8_drift"]
+    assert drift["question_embedding"] > 0  # quantized: measured, never claimed identical
+    fp32_size = (build_export(work_dir, "token", "bart") / C.GENERATOR_DECODER_FILE).stat().st_size
+    assert (out / C.GENERATOR_DECODER_FILE).stat().st_size < 0.6 * fp32_size
+    result = RagPipeline.load(out).generate(questions[:2], num_beams=2, max_length=8)
+    assert all(r.answers[0].token_ids for r in result)
+
+
+def test_unsupported_quantization(work_dir, tmp_path):
+    with pytest.raises(ExportError, match="supported are: int8"):
+        export(str(build_checkpoint(work_dir, "token", "bart")), tmp_path / "q", quantize="int4")

@@ -26,10 +26,11 @@ class GenerationOptions:
         do_deduplication: RAG-Sequence: drop duplicate candidates before rescoring.
         fast_decoding: RAG-Sequence: skip rescoring candidates against passages that did not produce them
             (an approximation; not token-identical to the reference's thorough decoding).
-        mask_context_padding: RAG-Sequence: mask the contexts' padding while generating candidates.
-            transformers does not (it pads contexts to max_combined_length and attends to the padding),
-            so the default reproduces that; True is cheaper and independent of max_combined_length, but
-            not token-identical to the reference.
+        reference_compatible: RAG-Sequence: reproduce two behaviours of transformers' thorough decoding:
+            candidates are generated from contexts padded to max_combined_length with the padding *not*
+            masked, and rescored against the checkpoint's configured n_docs passages whatever n_docs was
+            asked for. False masks the padding and rescores with the requested n_docs: cheaper and
+            consistent, but not token-identical to the reference.
     """
 
     num_beams: int | None = None
@@ -46,7 +47,7 @@ class GenerationOptions:
     bad_words_ids: list[list[int]] | None = None
     do_deduplication: bool | None = None
     fast_decoding: bool = False
-    mask_context_padding: bool = False
+    reference_compatible: bool = True
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> GenerationOptions:

@@ -150,8 +150,12 @@ class RagPipeline:
 
     def _decode(self, ctx_ids: np.ndarray, ctx_mask: np.ndarray, doc_scores: np.ndarray,
                 opts: GenerationOptions, reference_width: int | None = None) -> Decoded:
-        """Decode from contexts. ``reference_width``: the width transformers would have padded the
-        contexts to (RAG-Sequence generates from them unmasked, see ``mask_context_padding``)."""
+        """Decode from contexts ([batch * docs] rows, ``docs = doc_scores.shape[1]``).
+
+        RAG-Token uses the first ``opts.n_docs`` passages. RAG-Sequence generates from those and, when
+        ``reference_compatible``, rescores against the first ``config n_docs`` ones (so ``docs`` must cover
+        both) and generates from contexts padded to ``reference_width`` without a mask, as transformers does.
+        """
         d = self.defaults
         eos = tuple(d["eos_token_id"] or ())
         proc = P.ProcessorSettings(
@@ -162,19 +166,25 @@ class RagPipeline:
         )
         search = SearchSettings(opts.num_beams, opts.num_return_sequences, float(opts.length_penalty),
                                 opts.early_stopping, d["pad_token_id"], eos)
-        full_ids = ctx_ids.astype(np.int64)
+        batch, docs = doc_scores.shape
+        compatible = self.kind == "sequence" and opts.reference_compatible
+        # From supplied contexts there may be fewer passages than configured (the reference rejects that).
+        used = min(self.rag["n_docs"], docs) if compatible else opts.n_docs
+        rows = (np.arange(batch)[:, None] * docs + np.arange(used)[None, :]).reshape(-1)
+        ids, mask = ctx_ids[rows].astype(np.int64), ctx_mask[rows].astype(np.int64)
         # Columns that are padding in every row change nothing (they are masked): drop them.
-        width = int(ctx_mask.sum(axis=1).max()) if ctx_mask.size else 0
-        ctx_ids, ctx_mask = np.ascontiguousarray(full_ids[:, :width]), np.ascontiguousarray(ctx_mask[:, :width])
+        width = int(mask.sum(axis=1).max()) if mask.size else 0
         with self.timer("generator_encode"):
-            state = self.generator.encode(ctx_ids, ctx_mask.astype(np.int64))
+            state = self.generator.encode(np.ascontiguousarray(ids[:, :width]), np.ascontiguousarray(mask[:, :width]))
             generation_state = None
-            if self.kind == "sequence" and not opts.mask_context_padding:
-                pad = self.rag["generator_pad_token_id"]
-                wide = reference_width or full_ids.shape[1]
-                padded = np.full((full_ids.shape[0], wide), pad, dtype=np.int64)
-                padded[:, : min(wide, full_ids.shape[1])] = full_ids[:, :wide]
+            if compatible:
+                gen_rows = (np.arange(batch)[:, None] * docs + np.arange(opts.n_docs)[None, :]).reshape(-1)
+                full = ctx_ids[gen_rows].astype(np.int64)
+                wide = reference_width or full.shape[1]
+                padded = np.full((full.shape[0], wide), self.rag["generator_pad_token_id"], dtype=np.int64)
+                padded[:, : min(wide, full.shape[1])] = full[:, :wide]
                 generation_state = self.generator.encode(padded, np.ones_like(padded))
+        doc_scores = np.ascontiguousarray(doc_scores[:, :used])
         with self.timer("decode"):
             start = d["decoder_start_token_id"]
             if self.kind == "token":
@@ -185,7 +195,7 @@ class RagPipeline:
                 do_deduplication=bool(opts.do_deduplication), fast=opts.fast_decoding,
             )
             return rag_sequence(self.generator, state, doc_scores, start, proc, search, rescore,
-                                opts.num_return_sequences, generation_state)
+                                opts.num_return_sequences, generation_state, opts.n_docs)
 
     def _options(self, kwargs: dict) -> GenerationOptions:
         opts = GenerationOptions.from_kwargs(**kwargs).resolved(
@@ -234,9 +244,13 @@ class RagPipeline:
             return []
         self._require_index()
         q_ids, emb = self._encode_questions(questions)
-        doc_ids, doc_scores = self._retrieve(emb, opts.n_docs)
+        n_retrieve = opts.n_docs
+        if self.kind == "sequence" and opts.reference_compatible:
+            n_retrieve = max(n_retrieve, self.rag["n_docs"])  # rescoring uses the configured n_docs
+        doc_ids, doc_scores = self._retrieve(emb, n_retrieve)
         ctx_ids, ctx_mask = self._contexts(q_ids, doc_ids)
         decoded = self._decode(ctx_ids, ctx_mask, doc_scores, opts, reference_width=self.rag["max_combined_length"])
+        doc_ids, doc_scores = doc_ids[:, : opts.n_docs], doc_scores[:, : opts.n_docs]
         outputs = []
         for i, question in enumerate(questions):
             answers = [

@@ -110,25 +110,27 @@ class RescoreSettings:
 
 def rag_sequence(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, start_id: int,
                  proc: P.ProcessorSettings, search: SearchSettings, rescore: RescoreSettings,
-                 num_return_sequences: int, generation_state: Any = None) -> Decoded:
+                 num_return_sequences: int, generation_state: Any = None, generation_docs: int | None = None
+                 ) -> Decoded:
     """RAG-Sequence thorough decoding: beam search per passage, then every candidate scored against
     every passage of its question, marginalized, best ``num_return_sequences`` kept.
 
-    ``generation_state`` (default: ``state``) is the encoder state the candidates are generated from;
-    ``state`` is the one they are rescored with. transformers generates from contexts whose padding is
-    not masked, and rescores with the mask: passing both reproduces that.
+    ``state`` holds the passages candidates are rescored against (``doc_scores.shape[1]`` rows per
+    question); ``generation_state`` (default: ``state``) the ``generation_docs`` passages per question
+    they are generated from. transformers generates from unmasked padded contexts, and rescores with the
+    mask and its configured n_docs: passing both reproduces that.
     """
     generation_state = state if generation_state is None else generation_state
+    gen_docs = generation_docs or doc_scores.shape[1]
     batch, n_docs = doc_scores.shape
     k = search.num_beams
     per_doc = SearchSettings(k, k, search.length_penalty, search.early_stopping, search.pad_token_id,
                              search.eos_token_ids)
     out_seqs, out_scores = [], []
     for q in range(batch):
-        rows = np.arange(q * n_docs, (q + 1) * n_docs)
-        q_state = backend.select(state, rows)
-        session = backend.start(backend.select(generation_state, rows), beams=k)
-        start = np.full((n_docs * k, 1), start_id, dtype=np.int64)
+        q_state = backend.select(state, np.arange(q * n_docs, (q + 1) * n_docs))
+        session = backend.start(backend.select(generation_state, np.arange(q * gen_docs, (q + 1) * gen_docs)), beams=k)
+        start = np.full((gen_docs * k, 1), start_id, dtype=np.int64)
 
         def step(seqs: np.ndarray, session=session) -> np.ndarray:
             return backend.step(session, seqs[:, -1:])
@@ -138,7 +140,7 @@ def rag_sequence(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, 
         else:
             cands, beam_scores = beam_search(step, lambda rows, s=session: backend.reorder(s, rows),
                                              start, proc, per_doc)
-        origin = np.repeat(np.arange(n_docs), k)
+        origin = np.repeat(np.arange(gen_docs), k)
         if rescore.do_deduplication:
             first = {}
             for i, row in enumerate(cands):
@@ -147,7 +149,7 @@ def rag_sequence(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, 
             cands, beam_scores, origin = cands[keep], beam_scores[keep], origin[keep]
         doc_lp = log_softmax(doc_scores[q].astype(np.float32))
         if rescore.fast:
-            scores = doc_lp[origin] + beam_scores
+            scores = log_softmax(doc_scores[q, :gen_docs].astype(np.float32))[origin] + beam_scores
         else:
             scores = -_nll(backend, q_state, cands, doc_lp, rescore)
         best = np.argsort(-scores, kind="stable")[:num_return_sequences]
