@@ -73,3 +73,16 @@ def test_log_softmax_and_logsumexp_match_torch(batch):
     x = scores.reshape(2, 3, VOCAB)
     x[0, :, 4] = -np.inf
     np.testing.assert_allclose(logsumexp(x, axis=1), torch.logsumexp(torch.from_numpy(x), 1).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_topk_matches_torch():
+    from rag_runtime.decoding.search import _topk
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 5000)).astype(np.float32)
+    for k in (1, 4, 8, 40):
+        np.testing.assert_array_equal(_topk(x, k), torch.topk(torch.from_numpy(x), k).indices.numpy())
+    x[:, 100:110] = 9.0  # exact ties: torch's order among them is unspecified, the set is not
+    got = _topk(x, 10)
+    assert (got == np.arange(100, 110)).all(), "ties are broken by index"
+    assert {tuple(sorted(r)) for r in torch.topk(torch.from_numpy(x), 10).indices.numpy()} == {tuple(range(100, 110))}

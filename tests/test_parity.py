@@ -26,7 +26,7 @@ GRID = {
     "length_penalty2": dict(num_beams=3, length_penalty=2.0, max_length=14),
     "early_never": dict(num_beams=3, early_stopping="never", max_length=12),
     "repetition": dict(num_beams=2, repetition_penalty=1.5, max_length=12, no_repeat_ngram_size=0),
-    "greedy_min_length": dict(num_beams=1, min_length=6, max_length=10, no_repeat_ngram_size=0),
+    "greedy_min_length": dict(num_beams=1, min_length=6, max_length=10, no_repeat_ngram_size=3),
 }
 SEQUENCE_ONLY = {
     "no_dedup": dict(num_beams=2, do_deduplication=False, num_return_sequences=3, max_length=10),
@@ -95,7 +95,8 @@ def test_generate_from_context_matches_transformers(bundles, questions, kind, ge
         doc_scores = torch.bmm(hidden.unsqueeze(1), docs["retrieved_doc_embeds"].float().transpose(1, 2)).squeeze(1)
         # RagSequenceForGeneration's rescoring forward ignores a non-default n_docs here (it asserts), so the
         # contexts carry the configured n_docs.
-        params = dict(num_beams=num_beams, max_length=11, n_docs=ref.model.config.n_docs, num_return_sequences=1)
+        params = dict(num_beams=num_beams, max_length=11, n_docs=ref.model.config.n_docs, num_return_sequences=1,
+                      no_repeat_ngram_size=2)
         expected = ref.model.generate(context_input_ids=docs["context_input_ids"],
                                       context_attention_mask=docs["context_attention_mask"],
                                       doc_scores=doc_scores, **params).numpy()

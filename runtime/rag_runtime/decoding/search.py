@@ -51,8 +51,17 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _topk(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest per row, best first; ties keep the lower index (like torch.topk on CPU)."""
-    return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+    """Indices of the k largest per row, best first; exact ties keep the lower index.
+
+    torch.topk leaves the order of exact ties unspecified; in beam search they arise only among candidates
+    masked with -1e9, which never reach the output. Wide rows (num_beams * vocab) are partitioned first so only the k winners are sorted.
+    """
+    if x.shape[-1] <= 4 * k:
+        return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+    part = np.argpartition(-x, k - 1, axis=-1)[:, :k]
+    part.sort(axis=-1)  # index order, so the stable sort below breaks ties by index
+    order = np.argsort(-np.take_along_axis(x, part, axis=-1), axis=-1, kind="stable")
+    return np.take_along_axis(part, order, axis=-1)
 
 
 def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
