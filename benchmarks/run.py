@@ -158,7 +158,7 @@ def measure(ckpt: Path, export_dir: Path, questions: list[str], batch: int, para
 def peak_rss(side: str, ckpt: Path, export_dir: Path, questions: list[str], batch: int, params: dict) -> float:
     """Peak RSS (MiB) of a fresh process that loads one side and answers the questions."""
     code = f"""
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {str(ROOT)!r})
 qs, params, batch = {questions!r}, {params!r}, {batch}
 if {side!r} == "runtime":
@@ -171,7 +171,9 @@ else:
     run = lambda q: m.generate_ids(q, **params)
 for i in range(0, len(qs), batch):
     run(qs[i:i + batch])
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+# VmHWM, not ru_maxrss: the latter keeps the forking parent's high-water mark across exec.
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps(int(hwm) / 1024))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
@@ -202,8 +204,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {run['batch']} | {side} | " + " | ".join(cells) + " |")
     if report.get("peak_rss_mib"):
         rss = report["peak_rss_mib"]
-        lines += ["", f"Peak RSS: runtime {rss['runtime']:.0f} MiB, reference {rss['reference']:.0f} MiB "
-                      f"(each in its own process)."]
+        lines += ["", f"Peak RSS (VmHWM): runtime {rss['runtime']:.0f} MiB, reference {rss['reference']:.0f} MiB "
+                      f"(each in its own process, loading its side and answering 8 questions at the largest batch)."]
+        if report.get("memory_command"):
+            lines += ["", f"Memory command: `{report['memory_command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -240,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quantize", choices=["int8"], default=None, help="benchmark a quantized export")
     p.add_argument("--memory", action="store_true", help="also measure peak RSS of each side (subprocesses)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only (re)measure peak RSS and update the saved report of this --name")
     p.add_argument("--plot", action="store_true", help="write a PNG stage chart")
     p.add_argument("--name", default=None, help="results file stem")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -254,6 +260,18 @@ def main(argv: list[str] | None = None) -> int:
                   no_repeat_ngram_size=0, length_penalty=1.0, early_stopping=True)
     questions = [q for q in QUESTIONS.read_text().splitlines() if q.strip()]
     ckpt, export_dir = prepare(args.workload, args.kind, args.generator, args.quantize)
+    name = args.name or f"{args.workload}-{args.kind}-{args.generator}" + (f"-{args.quantize}" if args.quantize else "")
+    stem = args.out / name
+    if args.memory_only:
+        report = json.loads(stem.with_suffix(".json").read_text())
+        qs = questions[: max(8, max(args.batch))]
+        report["peak_rss_mib"] = {side: peak_rss(side, ckpt, export_dir, qs, max(args.batch), params)
+                                  for side in ("runtime", "reference")}
+        report["memory_command"] = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        stem.with_suffix(".md").write_text(markdown(report))
+        print(markdown(report))
+        return 0
     runs = []
     for batch in args.batch:
         qs = (questions * ((args.questions * batch) // len(questions) + 1))[: max(args.questions, batch)]
@@ -269,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     manifest = json.loads((export_dir / "manifest.json").read_text())
     report = {
-        "name": args.name or f"{args.workload}-{args.kind}-{args.generator}" + (f"-{args.quantize}" if args.quantize else ""),
+        "name": name,
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         "threads": args.threads or os.cpu_count(),
@@ -286,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
                                   for side in ("runtime", "reference")}
         _log(f"peak RSS (MiB): {report['peak_rss_mib']}")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / report["name"]
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     stem.with_suffix(".md").write_text(markdown(report))
     if args.plot:
