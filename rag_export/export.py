@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from rag_runtime import constants as C
+from rag_runtime.artifacts import sha256_file
 
 from .checkpoint import Checkpoint, config_summary, load_checkpoint
 from .errors import ExportError
@@ -47,14 +47,6 @@ def _step(msg: str):
     t0 = time.perf_counter()
     yield
     _progress(f"{msg}: done in {time.perf_counter() - t0:.1f}s")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _export_graph(module: torch.nn.Module, spec: GraphSpec, args: tuple, out_dir: Path, opset: int) -> Path:

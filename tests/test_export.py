@@ -14,8 +14,8 @@ import pytest
 from conftest import COMBOS, build_checkpoint, build_export
 from rag_export import ExportError, ValidationError, export
 from rag_export.cli import main as export_main
-from rag_export.export import sha256_file
 from rag_runtime import constants as C
+from rag_runtime.artifacts import sha256_file
 
 
 @pytest.mark.parametrize(("kind", "generator"), COMBOS, ids=[f"{k}-{g}" for k, g in COMBOS])

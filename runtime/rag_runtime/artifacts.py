@@ -10,7 +10,8 @@ from . import constants as C
 from .errors import ArtifactError
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -39,7 +40,7 @@ def load_manifest(export_dir: str | Path, verify: bool = True) -> dict:
             f = root / rel
             if not f.is_file():
                 raise ArtifactError(f"{f} is missing (listed in the manifest); re-export or restore it")
-            if _sha256(f) != digest:
+            if sha256_file(f) != digest:
                 raise ArtifactError(f"{f} does not match its sha256 in the manifest: corrupted or replaced; "
                                     "re-export it")
     return manifest
