@@ -14,7 +14,7 @@ from .artifacts import load_manifest
 from .decoding import processors as P
 from .decoding.rag import Decoded, RescoreSettings, rag_sequence, rag_token
 from .decoding.search import SearchSettings
-from .errors import ArtifactError, IndexUnavailableError
+from .errors import IndexUnavailableError
 from .onnx_backend import OnnxGenerator, create_session, providers_for
 from .options import GenerationOptions
 from .results import Answer, Document, RagOutput
@@ -281,25 +281,24 @@ class RagPipeline:
             raise ValueError(f"context_input_ids has {ids.shape[0]} rows; expected batch ({scores.shape[0]}) x "
                              f"n_docs ({n_docs}) from doc_scores")
         opts = self._options({**kwargs, "n_docs": n_docs})
+        if scores.shape[0] == 0:
+            return np.zeros((0, 0), dtype=np.int64)
         decoded = self._decode(ids.astype(np.int64), mask.astype(np.int64), scores, opts)
         return self._pad_rows(decoded.sequences)
 
     # -- helpers ------------------------------------------------------------------------------------
 
     def _pad_rows(self, groups: list[np.ndarray]) -> np.ndarray:
-        pad = self.rag["generator_pad_token_id"] if self.kind == "sequence" else self._fill_id()
-        width = max(g.shape[1] for g in groups)
+        """Stack per-question rows, padding with the generator's pad id as RAG-Sequence's ``_cat_and_pad``
+        does (RAG-Token rows come out of one search and already share a width)."""
+        pad = self.rag["generator_pad_token_id"]
+        width = max((g.shape[1] for g in groups), default=0)
         out = np.full((sum(len(g) for g in groups), width), pad, dtype=np.int64)
         r = 0
         for g in groups:
             out[r : r + len(g), : g.shape[1]] = g
             r += len(g)
         return out
-
-    def _fill_id(self) -> int:
-        d = self.defaults
-        pad, eos = d["pad_token_id"], d["eos_token_id"] or []
-        return (pad or eos[0]) if eos else -1
 
     def _trim(self, row: np.ndarray) -> list[int]:
         """The row up to its first EOS (dropping the padding transformers writes after it)."""
@@ -324,4 +323,4 @@ def _as_list(questions) -> list[str]:
     return questions
 
 
-__all__ = ["ArtifactError", "RagPipeline", "contextualize"]
+__all__ = ["RagPipeline", "contextualize"]
