@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import string
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -78,16 +81,29 @@ def _pad_vocab(vocab: dict[str, int], size: int, filler: str) -> dict[str, int]:
 
 
 def train_question_tokenizer(texts: list[str], vocab_size: int):
+    """A WordPiece vocabulary learned by tokenizers' BPE trainer over ``▁word`` strings.
+
+    WordPieceTrainer numbers its ``##x`` pieces in hash-map order, which decides ties between merges and
+    so changes the vocabulary from run to run. BPE over a fixed alphabet is repeatable, and its pieces
+    map onto WordPiece: ``▁ham`` -> ``ham``, ``let`` -> ``##let``.
+    """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import DPRQuestionEncoderTokenizerFast
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=1)
-    tok.train_from_iterator(texts, trainer)
-    vocab = _pad_vocab(tok.get_vocab(), vocab_size, "[unused")
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = [f"▁{w}" for t in texts for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t))]
+    alphabet = sorted((set("".join(words)) | set(string.digits + string.punctuation + string.ascii_lowercase)) - {"▁"})
+    tok = Tokenizer(models.BPE())
+    tok.train_from_iterator(words, trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet + ["▁"],
+                                                       min_frequency=1, show_progress=False))
+    learned = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + alphabet + [f"##{c}" for c in alphabet]
+    pieces += [p[1:] if p.startswith("▁") else f"##{p}" for p, _ in learned if len(p.lstrip("▁")) > 1]
+    vocab = {}
+    for p in pieces:
+        if len(vocab) < vocab_size:
+            vocab.setdefault(p, len(vocab))
+    vocab = _pad_vocab(vocab, vocab_size, "[unused")
     return DPRQuestionEncoderTokenizerFast(vocab=vocab, do_lower_case=True)
 
 
@@ -121,7 +137,9 @@ def train_t5_tokenizer(texts: list[str], vocab_size: int):
         vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
     )
     tok.train_from_iterator(texts, trainer)
-    pieces = [(p, s) for p, s in json.loads(tok.to_str())["model"]["vocab"]]
+    specials = [(p, 0.0) for p in ("<pad>", "</s>", "<unk>")]
+    learned = {p for p, _ in json.loads(tok.to_str())["model"]["vocab"]} - {p for p, _ in specials}
+    pieces = specials + _unigram_scores(learned, texts, tok.pre_tokenizer)
     seen = {p for p, _ in pieces}
     i = 0
     while len(pieces) < vocab_size:
@@ -129,6 +147,24 @@ def train_t5_tokenizer(texts: list[str], vocab_size: int):
             pieces.append((f"▁placeholder{i}", -30.0))
         i += 1
     return T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+
+def _unigram_scores(pieces: set[str], texts: list[str], pre_tokenizer) -> list[tuple[str, float]]:
+    """Log relative substring frequency of each piece over the corpus words, best first.
+
+    The Unigram trainer keeps the same pieces every run, but its EM scores differ in the third decimal
+    between runs (parallel float sums). Scoring the kept pieces from plain counts makes builds repeatable.
+    """
+    words = Counter(w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(t))
+    longest = max(map(len, pieces))
+    substrings = Counter()
+    for word, n in words.items():
+        for i in range(len(word)):
+            for j in range(i + 1, min(len(word), i + longest) + 1):
+                substrings[word[i:j]] += n
+    total = sum(substrings[p] for p in pieces)
+    scored = [(p, math.log(max(substrings[p], 0.5) / total)) for p in pieces]
+    return sorted(scored, key=lambda ps: (-ps[1], ps[0]))
 
 
 def _scale_weights(model, seed: int, gain: float, embed_std: float = 0.5) -> None:
