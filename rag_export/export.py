@@ -235,12 +235,15 @@ def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, ato
             "wiki_dpr index. Build or import one and attach it later: rag-index attach OUT INDEX_DIR"
         )
 
-    files = sorted(p for p in out.rglob("*") if p.is_file())
+    # The index checks itself (index.json records file sizes): hashing gigabytes of embeddings at every
+    # load would make start-up scale with the corpus.
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] != C.INDEX_DIR)
     gen_tok, q_tok = ckpt.generator_tokenizer, ckpt.question_tokenizer
     bos_for_rescoring = cfg.bos_token_id or getattr(cfg.generator, "bos_token_id", None)
     return {
         "format_version": C.FORMAT_VERSION,
         "source": ckpt.source,
+        "context_encoder_source": context_encoder,
         "kind": ckpt.kind,
         "generator_type": gen_type,
         "precision": quantize or "fp32",
@@ -265,7 +268,7 @@ def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, ato
             "generator_pad_token_id": cfg.generator.pad_token_id,
         },
         "generation_defaults": ckpt.generation_defaults,
-        "index": ({"dir": C.INDEX_DIR, **index_meta} if index_meta else None),
+        "index": index_meta.manifest_entry(C.INDEX_DIR) if index_meta else None,
         "validation": validation,
         "files": {str(p.relative_to(out)): sha256_file(p) for p in files},
     }
@@ -304,4 +307,28 @@ def _export_context_encoder(source: str, out: Path, opset: int, validate: bool, 
             "context_encoder", path, graph, [C.PASSAGE_EMBEDDING], encoder.config.vocab_size, atol)
     (out / "tokenizers").mkdir(exist_ok=True)
     tokenizer.backend_tokenizer.save(str(out / C.CONTEXT_TOKENIZER_FILE))
-    return {"file": C.CONTEXT_TOKENIZER_FILE, **_tokenizer_info(tokenizer)}
+    return {"file": C.CONTEXT_TOKENIZER_FILE,
+            **_tokenizer_info(tokenizer, getattr(encoder.config, "max_position_embeddings", None))}
+
+
+def export_context_encoder(source: str, output_dir: str | Path, *, opset: int = DEFAULT_OPSET,
+                           validate: bool = True, atol: float = DEFAULT_ATOL) -> Path:
+    """Export only a DPR context encoder (for ``rag-index build``): ``context_encoder.onnx``, its
+    tokenizer and a manifest listing them. ``output_dir`` must not exist yet."""
+    out = Path(output_dir)
+    out.mkdir(parents=True)
+    validation: dict = {}
+    with _step(f"exporting context_encoder from {source}"):
+        tok_meta = _export_context_encoder(source, out, opset, validate, atol, validation)
+    manifest = {
+        "format_version": C.FORMAT_VERSION,
+        "source": source,
+        "context_encoder_source": source,
+        "opset": opset,
+        "versions": {"torch": torch.__version__.split("+")[0]},
+        "graphs": {"context_encoder": CONTEXT_ENCODER_SPEC.to_manifest(sha256_file(out / C.CONTEXT_ENCODER_FILE))},
+        "tokenizers": {"context_encoder": tok_meta},
+        "validation": validation,
+    }
+    (out / C.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return out

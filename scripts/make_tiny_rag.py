@@ -266,9 +266,11 @@ def build(out: Path, kind: str, generator: str, size: str, corpus: Path, seed: i
     with torch.no_grad():
         for i in range(0, len(passages), 64):
             chunk = passages[i : i + 64]
+            # DPR passage encoding: "title [SEP] text", padding masked, segment ids all 0 (as rag-index
+            # build embeds; transformers' RAG example passes input_ids alone, leaving padding unmasked).
             enc = q_tok([p["title"] for p in chunk], [p["text"] for p in chunk], truncation=True,
-                        max_length=256, padding="longest", return_tensors="pt")
-            embeddings.append(ctx_model(**enc).pooler_output.numpy())
+                        max_length=512, padding="longest", return_tensors="pt")
+            embeddings.append(ctx_model(enc.input_ids, attention_mask=enc.attention_mask).pooler_output.numpy())
     emb = np.concatenate(embeddings).astype("float32")
     _log(f"embedded {len(passages)} passages in {time.perf_counter() - t0:.1f}s")
 

@@ -15,10 +15,10 @@ from .decoding import processors as P
 from .decoding.rag import Decoded, RescoreSettings, rag_sequence, rag_token
 from .decoding.search import SearchSettings
 from .errors import IndexUnavailableError
+from .knowledge import KnowledgeIndex
 from .onnx_backend import OnnxGenerator, create_session, providers_for
 from .options import GenerationOptions
 from .results import Answer, Document, RagOutput
-from .retrieval import KnowledgeIndex
 from .tokenization import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ class RagPipeline:
     Use :meth:`load`; then :meth:`generate`, :meth:`retrieve` or :meth:`generate_from_context`.
     """
 
-    def __init__(self, root: Path, manifest: dict, device: str, threads: int | None):
+    def __init__(self, root: Path, manifest: dict, device: str, threads: int | None,
+                 index_params: dict | None = None):
         self.root, self.manifest, self.device = root, manifest, device
         self.kind: str = manifest["kind"]
         self.rag: dict = manifest["rag"]
@@ -88,11 +89,12 @@ class RagPipeline:
         toks = manifest["tokenizers"]
         self.question_tokenizer = TextTokenizer(root / toks["question_encoder"]["file"], toks["question_encoder"])
         self.generator_tokenizer = TextTokenizer(root / toks["generator"]["file"], toks["generator"])
-        self.index = KnowledgeIndex(root / manifest["index"]["dir"], device) if manifest.get("index") else None
+        entry = manifest.get("index")
+        self.index = KnowledgeIndex(root / entry["dir"], device, **(index_params or {})) if entry else None
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", *, threads: int | None = None,
-             verify: bool = True) -> RagPipeline:
+             verify: bool = True, nprobe: int | None = None, ef_search: int | None = None) -> RagPipeline:
         """Load an export directory.
 
         Args:
@@ -100,6 +102,8 @@ class RagPipeline:
             device: ``"cpu"`` or ``"cuda"`` (needs onnxruntime-gpu).
             threads: onnxruntime intra-op threads (default: all cores).
             verify: Check every file against its sha256 in the manifest.
+            nprobe: Inverted lists visited per query (IVF knowledge indexes).
+            ef_search: Candidate list size (HNSW knowledge indexes).
 
         Raises:
             ArtifactError: Missing, corrupted or mismatched export.
@@ -107,7 +111,8 @@ class RagPipeline:
         """
         providers_for(device)
         root = Path(path)
-        return cls(root, load_manifest(root, verify=verify), device, threads)
+        return cls(root, load_manifest(root, verify=verify), device, threads,
+                   {"nprobe": nprobe, "ef_search": ef_search})
 
     # -- stages -------------------------------------------------------------------------------------
 
@@ -131,9 +136,7 @@ class RagPipeline:
     def _retrieve(self, emb: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
         index = self._require_index()
         with self.timer("retrieve"):
-            doc_ids, doc_emb = index.search(emb, n_docs)
-            doc_scores = np.einsum("bd,bnd->bn", emb.astype(np.float32), doc_emb).astype(np.float32)
-        return doc_ids, doc_scores
+            return index.search(emb, n_docs)
 
     def _contexts(self, question_ids: np.ndarray, doc_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         index = self._require_index()
@@ -224,7 +227,7 @@ class RagPipeline:
         docs = []
         for doc_id, score in zip(ids, scores, strict=True):
             p = index.passage(int(doc_id))
-            docs.append(Document(int(doc_id), p["title"], p["text"], float(score)))
+            docs.append(Document(int(doc_id), p["title"], p["text"], float(score), p.get("id")))
         return docs
 
     def generate(self, questions: list[str], **kwargs) -> list[RagOutput]:

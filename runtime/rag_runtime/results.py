@@ -14,12 +14,14 @@ class Document:
         title: Passage title.
         text: Passage text.
         score: Inner product of the question and passage embeddings.
+        pid: The passage's own id in the file the index was built from.
     """
 
     id: int
     title: str
     text: str
     score: float
+    pid: str | None = None
 
 
 @dataclass(frozen=True)

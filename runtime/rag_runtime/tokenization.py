@@ -25,9 +25,11 @@ class TextTokenizer:
         self.cleanup = bool(info.get("clean_up_tokenization_spaces"))
         self.model_max_length = int(info.get("model_max_length") or 512)
 
-    def encode(self, texts: list[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: list[str] | list[tuple[str, str]], max_length: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Tokenize with special tokens, truncate to ``max_length`` (as transformers' ``truncation=True``
-        does, through the same library call), right-pad to the longest row."""
+        does, through the same library call), right-pad to the longest row. ``(a, b)`` tuples are encoded
+        as pairs (DPR passages: title, text), truncated longest-first."""
         if max_length is not None:
             self._tok.enable_truncation(max_length)
         try:

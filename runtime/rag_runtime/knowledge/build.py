@@ -1,0 +1,282 @@
+"""Build a knowledge index from a passage file: embed in batches, stream to disk, then index with faiss.
+
+The build runs in ``.OUT.partial`` next to OUT and is renamed at the end, so OUT is never half
+written. The partial directory keeps the embedded rows and a state file; running the same build
+again resumes after the last flushed batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .. import constants as C
+from ..errors import ArtifactError
+from .sources import PassageReader
+from .store import IndexMeta, PassageWriter
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "build-state.json"
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivfpq")
+
+
+class Encoder(Protocol):
+    dim: int
+    identity: dict
+
+    def embed(self, titles: list[str], texts: list[str]) -> np.ndarray: ...
+
+
+@dataclass
+class BuildOptions:
+    """How to build.
+
+    Attributes:
+        index_type: ``auto``, ``flat``, ``hnsw``, ``ivfpq`` or any faiss factory string.
+        batch_size: Passages per encoder call.
+        embeddings_dtype: ``float32`` or ``float16`` for the stored embeddings.
+        store_embeddings: Keep ``embeddings.npy`` (exact doc scores); without it doc scores are faiss distances.
+        shards: Split the faiss index into this many files (searched together; one per GPU on load).
+        skip_bad_rows: Skip malformed rows instead of failing.
+    """
+
+    index_type: str = "auto"
+    batch_size: int = 64
+    embeddings_dtype: str = "float32"
+    store_embeddings: bool = True
+    shards: int = 1
+    skip_bad_rows: bool = False
+
+
+def resolve_factory(index_type: str, count: int, dim: int) -> tuple[str, dict]:
+    """The faiss factory string and search parameters for an index type and corpus size.
+
+    ``auto``: exact search (Flat) up to 200k passages, HNSW up to 5M, IVF-PQ beyond. IVF uses
+    ~4*sqrt(N) lists (at least 39 training points each); PQ is 4-bit fast-scan with one byte per 8
+    dimensions (8-bit PQ trains two orders of magnitude slower on CPU for similar memory).
+    """
+    kind = index_type.lower()
+    if kind == "auto":
+        kind = "flat" if count <= 200_000 else "hnsw" if count <= 5_000_000 else "ivfpq"
+    if kind == "flat":
+        return "Flat", {}
+    if kind == "hnsw":
+        return "HNSW32", {"efConstruction": 40, "efSearch": 128}
+    if kind == "ivfpq":
+        nlist = max(1, min(2 ** round(math.log2(max(1.0, 4 * math.sqrt(count)))), count // 39))
+        m = next(m for m in range(max(1, dim // 4), 0, -1) if dim % m == 0)
+        return f"IVF{nlist},PQ{m}x4fs", {"nprobe": min(nlist, 32)}
+    return index_type, {}
+
+
+class Progress:
+    """``label: done/total (pct)  rate/s  ETA`` on stderr: redrawn in place on a terminal, a line every
+    10 s otherwise."""
+
+    def __init__(self, label: str, total: int, unit: str, done: int = 0, stream=None):
+        self.label, self.total, self.unit, self.stream = label, total, unit, stream or sys.stderr
+        self.start_done, self.done = done, done
+        self.t0 = self.last = time.perf_counter()
+        self.tty = self.stream.isatty()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= (0.2 if self.tty else 10.0) or self.done >= self.total:
+            self.last = now
+            self._print(end="\r" if self.tty and self.done < self.total else "\n")
+
+    def _print(self, end: str) -> None:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        rate = (self.done - self.start_done) / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_s = "?" if math.isinf(eta) else f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        pct = 100.0 * self.done / max(self.total, 1)
+        print(f"{self.label}: {self.done:,}/{self.total:,} {self.unit} ({pct:.1f}%)  {rate:,.0f} {self.unit}/s  "
+              f"ETA {eta_s}", end=end, file=self.stream, flush=True)
+
+
+def _say(msg: str) -> None:
+    print(f"rag-index: {msg}", file=sys.stderr, flush=True)
+
+
+def build_index(passages: str | Path, out: str | Path, encoder: Encoder, options: BuildOptions | None = None,
+                *, force: bool = False, stop_after: int | None = None) -> IndexMeta:
+    """Build ``out`` from a passage file (see :mod:`rag_runtime.knowledge.sources` for formats).
+
+    Args:
+        passages: JSONL, TSV, CSV or Parquet file of id, title, text rows.
+        out: Index directory to create; must not exist (or be empty) unless ``force``.
+        encoder: Turns (titles, texts) into embeddings (e.g. :class:`ContextEncoder`).
+        options: Index type, batch size, dtypes, shards, bad-row policy.
+        force: Replace an existing ``out`` (only after the new index is complete).
+        stop_after: Stop after this many embedded passages, leaving a resumable partial build (tests).
+
+    Raises:
+        PassageError: Malformed passage file or row.
+        ArtifactError: ``out`` exists, or the index cannot be built.
+    """
+    options = options or BuildOptions()
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ArtifactError(f"output {out} exists and is not empty; pass --force to replace it")
+    if options.embeddings_dtype not in ("float32", "float16"):
+        raise ValueError(f"embeddings dtype must be float32 or float16, got {options.embeddings_dtype!r}")
+    if options.shards < 1:
+        raise ValueError(f"shards must be >= 1, got {options.shards}")
+    source = Path(passages)
+    reader = PassageReader(source, skip_bad_rows=options.skip_bad_rows)
+    _say(f"checking {source} ...")
+    count = reader.scan()
+    if reader.skipped:
+        _say(f"skipping {reader.skipped} malformed row(s), e.g. {reader.problems[0]}")
+    if count == 0:
+        raise ArtifactError(f"{source} has no usable passages")
+    if options.shards > count:
+        raise ValueError(f"{options.shards} shards for {count} passages: use at most {count}")
+    factory, params = resolve_factory(options.index_type, count, encoder.dim)
+
+    partial = out.parent / f".{out.name}.partial"
+    stat = source.stat()
+    state = {"source": str(source.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns, "count": count,
+             "encoder": encoder.identity, "options": asdict(options), "done": 0}
+    done = _resume_point(partial, state)
+    state["done"] = done
+    if done == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    else:
+        _say(f"resuming an interrupted build after {done:,} of {count:,} passages")
+
+    _embed(reader, partial, encoder, options, state, stop_after)
+    if state["done"] < count:
+        return None  # stopped early on request: resumable
+    _say(f"building faiss index {factory} over {count:,} vectors ...")
+    t0 = time.perf_counter()
+    shard_files = _build_faiss(partial, factory, params, count, encoder.dim, options.shards)
+    _say(f"faiss index built in {time.perf_counter() - t0:.1f}s")
+    if not options.store_embeddings:
+        (partial / C.INDEX_EMBEDDINGS_FILE).unlink()
+    meta = IndexMeta(count=count, dim=encoder.dim, factory=factory, shards=shard_files,
+                     embeddings=options.embeddings_dtype if options.store_embeddings else None,
+                     encoder=encoder.identity, source=str(source))
+    meta.save(partial)
+    (partial / STATE_FILE).unlink()
+    _replace(partial, out)
+    return meta
+
+
+def _resume_point(partial: Path, state: dict) -> int:
+    path = partial / STATE_FILE
+    if not path.is_file():
+        return 0
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return 0
+    same = all(old.get(k) == state[k] for k in ("source", "size", "mtime", "count", "encoder", "options"))
+    if not same:
+        _say(f"discarding an incomplete build in {partial}: it was for other input or options")
+        return 0
+    return int(old.get("done", 0))
+
+
+def _save_state(partial: Path, state: dict) -> None:
+    tmp = partial / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, partial / STATE_FILE)
+
+
+def _batches(reader: PassageReader, skip: int, size: int):
+    batch = []
+    for i, p in enumerate(reader):
+        if i < skip:
+            continue
+        batch.append(p)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _embed(reader: PassageReader, partial: Path, encoder: Encoder, options: BuildOptions, state: dict,
+           stop_after: int | None) -> None:
+    count, done = state["count"], state["done"]
+    if done >= count:
+        return
+    writer = PassageWriter(partial, count, encoder.dim, options.embeddings_dtype, resume_from=done)
+    progress = Progress("embedding", count, "passages", done=done)
+    last_flush = time.perf_counter()
+    for batch in _batches(reader, done, options.batch_size):
+        titles, texts = [p.title for p in batch], [p.text for p in batch]
+        vectors = encoder.embed(titles, texts)
+        if vectors.shape != (len(batch), encoder.dim):
+            raise ArtifactError(f"the context encoder returned {vectors.shape}, expected {(len(batch), encoder.dim)}")
+        writer.add([p.pid for p in batch], titles, texts, vectors)
+        progress.update(len(batch))
+        stopping = stop_after is not None and writer.n >= stop_after
+        if stopping or time.perf_counter() - last_flush > 30 or writer.n == count:
+            writer.flush()
+            state["done"] = writer.n
+            _save_state(partial, state)
+            last_flush = time.perf_counter()
+        if stopping and writer.n < count:
+            return
+    writer.close()
+
+
+def _build_faiss(partial: Path, factory: str, params: dict, count: int, dim: int, n_shards: int) -> list[str]:
+    import faiss
+
+    embeddings = np.load(partial / C.INDEX_EMBEDDINGS_FILE, mmap_mode="r")
+    try:
+        template = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"faiss cannot build index type {factory!r}: {str(e).splitlines()[0]}; use flat, hnsw, "
+                         "ivfpq or a valid faiss factory string") from e
+    if "efConstruction" in params:
+        faiss.downcast_index(template).hnsw.efConstruction = params["efConstruction"]
+    if not template.is_trained:
+        rng = np.random.default_rng(0)
+        n_train = min(count, max(100_000, 64 * getattr(faiss.try_extract_index_ivf(template), "nlist", 1)))
+        rows = np.sort(rng.choice(count, size=n_train, replace=False))
+        _say(f"training on {n_train:,} vectors ...")
+        template.train(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
+    bounds = np.linspace(0, count, n_shards + 1).astype(np.int64)
+    names = [C.INDEX_FAISS_FILE] if n_shards == 1 else [f"index.{i}.faiss" for i in range(n_shards)]
+    progress = Progress("indexing", count, "vectors")
+    for name, lo, hi in zip(names, bounds[:-1], bounds[1:], strict=True):
+        index = faiss.clone_index(template)
+        for start in range(lo, hi, 65536):
+            stop = min(hi, start + 65536)
+            index.add(np.ascontiguousarray(embeddings[start:stop], dtype=np.float32))
+            progress.update(stop - start)
+        if "efSearch" in params:
+            faiss.downcast_index(index).hnsw.efSearch = params["efSearch"]
+        if "nprobe" in params:
+            faiss.extract_index_ivf(index).nprobe = params["nprobe"]
+        faiss.write_index(index, str(partial / name))
+    return names
+
+
+def _replace(partial: Path, out: Path) -> None:
+    if out.exists():
+        backup = out.parent / f".{out.name}.old"
+        shutil.rmtree(backup, ignore_errors=True)
+        out.rename(backup)
+        partial.rename(out)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        partial.rename(out)

@@ -1,0 +1,47 @@
+"""Passage embeddings from an export's ``context_encoder.onnx`` (no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .. import constants as C
+from ..artifacts import load_manifest, sha256_file
+from ..errors import ArtifactError
+from ..onnx_backend import create_session
+from ..tokenization import TextTokenizer
+
+
+class ContextEncoder:
+    """DPR context encoder: ``(title, text)`` pairs -> [n, dim] float32, as transformers' RAG
+    custom-knowledge example embeds them (``tokenizer(titles, texts, truncation=True, padding="longest")``).
+
+    Attributes:
+        dim: Embedding dimension.
+        identity: ``{"source", "sha256", "dim"}``, recorded in the index it helps build.
+    """
+
+    def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int | None = None):
+        root = Path(export_dir)
+        manifest = load_manifest(root, verify=False)
+        graph = manifest["graphs"].get("context_encoder")
+        tok = manifest["tokenizers"].get("context_encoder")
+        if graph is None or tok is None:
+            raise ArtifactError(f"{root} has no context encoder: export with `rag-export MODEL OUT "
+                                "--context-encoder DPR_CONTEXT_ENCODER`")
+        path = root / graph["file"]
+        digest = sha256_file(path)
+        if digest != graph["sha256"]:
+            raise ArtifactError(f"{path} does not match its sha256 in the manifest: corrupted or replaced")
+        self.session = create_session(path, device, threads)
+        self.tokenizer = TextTokenizer(root / tok["file"], tok)
+        self.dim = int(self.session.get_outputs()[0].shape[-1])
+        self.identity = {"source": manifest.get("context_encoder_source") or manifest.get("source"),
+                         "sha256": digest, "dim": self.dim}
+
+    def embed(self, titles: list[str], texts: list[str]) -> np.ndarray:
+        ids, mask = self.tokenizer.encode(list(zip(titles, texts, strict=True)),
+                                          max_length=self.tokenizer.model_max_length)
+        (out,) = self.session.run(None, {C.INPUT_IDS: ids, C.ATTENTION_MASK: mask})
+        return out.astype(np.float32, copy=False)
