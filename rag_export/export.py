@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from rag_runtime import constants as C
-from rag_runtime.artifacts import sha256_file
+from rag_runtime.artifacts import replace_dir, sha256_file
 
 from .checkpoint import Checkpoint, config_summary, load_checkpoint
 from .errors import ExportError
@@ -134,23 +134,12 @@ def export(
         manifest = _export_into(ckpt, tmp, opset=opset, validate=validate, atol=atol,
                                 context_encoder=context_encoder, include_index=include_index, quantize=quantize)
         (tmp / C.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=False))
-        _replace_dir(tmp, output_dir)
+        replace_dir(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _progress(f"wrote {output_dir}")
     return output_dir
-
-
-def _replace_dir(tmp: Path, output_dir: Path) -> None:
-    if output_dir.exists():
-        backup = output_dir.with_name(f".{output_dir.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        output_dir.rename(backup)
-        tmp.rename(output_dir)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        tmp.rename(output_dir)
 
 
 def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, atol: float,

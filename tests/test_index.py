@@ -287,3 +287,13 @@ def test_search_cli(token_bart, built, capsys):
     assert out["question"] == "who painted the starry night" and len(out["docs"]) == 3
     assert out["docs"][0]["score"] >= out["docs"][1]["score"] >= out["docs"][2]["score"]
     assert all(d["pid"].startswith("p") and d["text"] for d in out["docs"])
+
+
+def test_build_from_a_dpr_checkpoint_exports_it_on_the_fly(token_bart, built, tmp_path, capsys):
+    out = tmp_path / "from-checkpoint"
+    assert rag_index("build", CORPUS, out, "--context-encoder", token_bart.checkpoint / "context_encoder",
+                     "--index-type", "flat") == 0
+    assert "exporting context_encoder from" in capsys.readouterr().err
+    np.testing.assert_allclose(np.load(out / "embeddings.npy"), np.load(built / "embeddings.npy"), atol=1e-5)
+    meta = json.loads((out / "index.json").read_text())
+    assert meta["encoder"]["source"] == str(token_bart.checkpoint / "context_encoder")

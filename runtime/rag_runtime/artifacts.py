@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from . import constants as C
@@ -17,6 +18,18 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move a finished directory into place, replacing ``target`` only once ``new`` is complete."""
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        target.rename(backup)
+        new.rename(target)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        new.rename(target)
 
 
 def load_manifest(export_dir: str | Path, verify: bool = True) -> dict:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from . import constants as C
-from .artifacts import load_manifest
+from .artifacts import load_manifest, replace_dir
 from .errors import ArtifactError
 from .knowledge import BuildOptions, IndexMeta, PassageError
 
@@ -154,9 +154,7 @@ def _import(args) -> int:
     finally:
         if not (tmp / C.INDEX_META_FILE).is_file():
             shutil.rmtree(tmp, ignore_errors=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     _say(f"wrote {out}: {meta.count:,} passages, dim {meta.dim}, {meta.factory}, {_size(out)}")
     return 0
 
@@ -185,9 +183,7 @@ def _attach(args) -> int:
         staging = export / f".{C.INDEX_DIR}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(index_dir, staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        replace_dir(staging, target)
         directory = C.INDEX_DIR
     else:
         resolved = index_dir.resolve()

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from .. import constants as C
+from ..artifacts import replace_dir
 from ..errors import ArtifactError
 from .sources import PassageReader
 from .store import IndexMeta, PassageWriter
@@ -173,7 +174,7 @@ def build_index(passages: str | Path, out: str | Path, encoder: Encoder, options
                      encoder=encoder.identity, source=str(source))
     meta.save(partial)
     (partial / STATE_FILE).unlink()
-    _replace(partial, out)
+    replace_dir(partial, out)
     return meta
 
 
@@ -270,13 +271,3 @@ def _build_faiss(partial: Path, factory: str, params: dict, count: int, dim: int
         faiss.write_index(index, str(partial / name))
     return names
 
-
-def _replace(partial: Path, out: Path) -> None:
-    if out.exists():
-        backup = out.parent / f".{out.name}.old"
-        shutil.rmtree(backup, ignore_errors=True)
-        out.rename(backup)
-        partial.rename(out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        partial.rename(out)
