@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object per question")
     p.add_argument("--show-docs", type=int, default=3, help="passages to print per question (text mode)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (IVF knowledge indexes)")
+    p.add_argument("--ef-search", type=int, default=None, help="candidate list size (HNSW knowledge indexes)")
     g = p.add_argument_group("generation (default: the checkpoint's own settings)")
     for name, typ in (("num_beams", int), ("max_length", int), ("min_length", int), ("n_docs", int),
                       ("num_return_sequences", int), ("no_repeat_ngram_size", int), ("length_penalty", float),
@@ -43,10 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     export, questions, device = args.pop("export"), args.pop("questions"), args.pop("device")
     as_json, show_docs = args.pop("json"), args.pop("show_docs")
+    search = {"nprobe": args.pop("nprobe"), "ef_search": args.pop("ef_search")}
     from .pipeline import RagPipeline
 
     try:
-        pipe = RagPipeline.load(export, device=device)
+        pipe = RagPipeline.load(export, device=device, **search)
         results = pipe.generate(questions, **args)
     except (ArtifactError, ValueError, TypeError) as e:
         print(f"rag-generate: error: {e}", file=sys.stderr)

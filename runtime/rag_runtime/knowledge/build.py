@@ -113,7 +113,7 @@ def _say(msg: str) -> None:
 
 
 def build_index(passages: str | Path, out: str | Path, encoder: Encoder, options: BuildOptions | None = None,
-                *, force: bool = False, stop_after: int | None = None) -> IndexMeta:
+                *, force: bool = False, stop_after: int | None = None) -> IndexMeta | None:
     """Build ``out`` from a passage file (see :mod:`rag_runtime.knowledge.sources` for formats).
 
     Args:
@@ -123,6 +123,9 @@ def build_index(passages: str | Path, out: str | Path, encoder: Encoder, options
         options: Index type, batch size, dtypes, shards, bad-row policy.
         force: Replace an existing ``out`` (only after the new index is complete).
         stop_after: Stop after this many embedded passages, leaving a resumable partial build (tests).
+
+    Returns:
+        The new index's metadata; None when ``stop_after`` stopped the build early.
 
     Raises:
         PassageError: Malformed passage file or row.

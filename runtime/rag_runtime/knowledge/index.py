@@ -75,8 +75,13 @@ class KnowledgeIndex:
         options = faiss.GpuClonerOptions()
         options.useFloat16 = True  # fp16 lookup tables for PQ; exact scores come from the embeddings
         self._gpu_resources = [faiss.StandardGpuResources() for _ in range(min(gpus, len(shards)))]
-        moved = [faiss.index_cpu_to_gpu(self._gpu_resources[i % gpus], i % gpus, s, options)
-                 for i, s in enumerate(shards)]
+        try:
+            moved = [faiss.index_cpu_to_gpu(self._gpu_resources[i % gpus], i % gpus, s, options)
+                     for i, s in enumerate(shards)]
+        except RuntimeError as e:  # e.g. HNSW and PQ fast-scan have no GPU version
+            logger.warning("faiss cannot move %s to the GPU (%s): searching on the CPU; Flat, IVF-Flat, "
+                           "IVF-SQ and 8-bit IVF-PQ indexes run on GPUs", self.meta.factory, str(e).splitlines()[0])
+            return shards
         self.device = "cuda"
         return moved
 
