@@ -104,7 +104,7 @@ def measure(index_dir: Path, qs: np.ndarray, exact: np.ndarray | None, params: d
 
     index = KnowledgeIndex(index_dir, **params)
     index.search(qs[:64], 5)  # warm-up (page cache, threads)
-    n1 = min(len(qs), 200)
+    n1 = min(len(qs), 50)
     t0 = time.perf_counter()
     for q in qs[:n1]:
         index.search(q[None], 5)
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
     p.add_argument("--work", type=Path, default=ROOT / ".cache" / "index-scale")
     p.add_argument("--name", default=None, help="results file stem (default: index-<N>)")
+    p.add_argument("--reuse", nargs="*", default=[], choices=TYPES,
+                   help="index types whose earlier build (in --work) is measured again instead of rebuilt")
     p.add_argument("--build-one", nargs=3, metavar=("PASSAGES", "OUT", "TYPE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.build_one:
@@ -142,12 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ["flat"] + [t for t in args.types if t != "flat"]:
         out = work / kind
         print(f"== {kind}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.index_scale", "--build-one", str(source), str(out),
-                               kind], cwd=ROOT, capture_output=True, text=True, env={**os.environ})
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return 1
-        build = json.loads(proc.stdout.strip().splitlines()[-1])
+        stats = work / f"{kind}.build.json"
+        if kind not in args.reuse or not stats.is_file():
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.index_scale", "--build-one", str(source),
+                                   str(out), kind], cwd=ROOT, capture_output=True, text=True, env={**os.environ})
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            stats.write_text(proc.stdout.strip().splitlines()[-1])
+        build = json.loads(stats.read_text())
         for params in SWEEP[kind]:
             m = measure(out, qs, exact, params)
             if kind == "flat":

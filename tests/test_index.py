@@ -148,6 +148,7 @@ def test_approximate_indexes_recall(token_bart, built, tmp_path, index_type, min
     exact = KnowledgeIndex(built)
     approx = KnowledgeIndex(out)
     assert approx.meta.factory.startswith("HNSW" if index_type == "hnsw" else "IVF")
+    assert (approx.meta.mips_phi is not None) == (index_type == "hnsw")  # HNSW searches augmented L2
     queries = np.load(built / "embeddings.npy")[::7] * 1.5
     want, _ = exact.search(queries, 5)
     got, scores = approx.search(queries, 5)
@@ -297,3 +298,17 @@ def test_build_from_a_dpr_checkpoint_exports_it_on_the_fly(token_bart, built, tm
     np.testing.assert_allclose(np.load(out / "embeddings.npy"), np.load(built / "embeddings.npy"), atol=1e-5)
     meta = json.loads((out / "index.json").read_text())
     assert meta["encoder"]["source"] == str(token_bart.checkpoint / "context_encoder")
+
+
+def test_hnsw_without_embeddings_scores_inner_products(token_bart, built, tmp_path):
+    """Augmented-L2 distances are turned back into inner products when no embeddings are stored."""
+    from rag_runtime.knowledge import KnowledgeIndex
+
+    out = tmp_path / "hnsw-bare"
+    assert rag_index("build", CORPUS, out, "--context-encoder", token_bart.export, "--index-type", "hnsw",
+                     "--no-embeddings") == 0
+    emb = np.load(built / "embeddings.npy")
+    queries = emb[[5, 60, 300]] * 2.0
+    ids, scores = KnowledgeIndex(out).search(queries, 4)
+    np.testing.assert_allclose(scores, np.einsum("bd,bnd->bn", queries, emb[ids]), rtol=1e-4, atol=1e-4)
+    assert (np.diff(scores, axis=1) <= 1e-5).all()

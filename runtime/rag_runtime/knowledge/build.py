@@ -168,13 +168,13 @@ def build_index(passages: str | Path, out: str | Path, encoder: Encoder, options
         return None  # stopped early on request: resumable
     _say(f"building faiss index {factory} over {count:,} vectors ...")
     t0 = time.perf_counter()
-    shard_files = _build_faiss(partial, factory, params, count, encoder.dim, options.shards)
+    shard_files, phi = _build_faiss(partial, factory, params, count, encoder.dim, options.shards)
     _say(f"faiss index built in {time.perf_counter() - t0:.1f}s")
     if not options.store_embeddings:
         (partial / C.INDEX_EMBEDDINGS_FILE).unlink()
     meta = IndexMeta(count=count, dim=encoder.dim, factory=factory, shards=shard_files,
                      embeddings=options.embeddings_dtype if options.store_embeddings else None,
-                     encoder=encoder.identity, source=str(source))
+                     encoder=encoder.identity, source=str(source), mips_phi=phi)
     meta.save(partial)
     (partial / STATE_FILE).unlink()
     replace_dir(partial, out)
@@ -241,12 +241,25 @@ def _embed(reader: PassageReader, partial: Path, encoder: Encoder, options: Buil
     writer.close()
 
 
-def _build_faiss(partial: Path, factory: str, params: dict, count: int, dim: int, n_shards: int) -> list[str]:
+def _build_faiss(partial: Path, factory: str, params: dict, count: int, dim: int, n_shards: int
+                 ) -> tuple[list[str], float | None]:
     import faiss
 
     embeddings = np.load(partial / C.INDEX_EMBEDDINGS_FILE, mmap_mode="r")
+    # Graph indexes navigate by a true metric: inner product search becomes L2 search over vectors
+    # augmented with one coordinate (see IndexMeta.mips_phi).
+    phi = _max_norm(embeddings) if factory.upper().startswith("HNSW") else None
+
+    def rows(lo: int, hi: int) -> np.ndarray:
+        x = np.ascontiguousarray(embeddings[lo:hi], dtype=np.float32)
+        if phi is None:
+            return x
+        extra = np.sqrt(np.maximum(phi * phi - np.einsum("nd,nd->n", x, x), 0.0))
+        return np.ascontiguousarray(np.hstack([x, extra[:, None].astype(np.float32)]))
+
     try:
-        template = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        template = (faiss.index_factory(dim + 1, factory, faiss.METRIC_L2) if phi is not None
+                    else faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
     except RuntimeError as e:
         raise ValueError(f"faiss cannot build index type {factory!r}: {str(e).splitlines()[0]}; use flat, hnsw, "
                          "ivfpq or a valid faiss factory string") from e
@@ -255,9 +268,10 @@ def _build_faiss(partial: Path, factory: str, params: dict, count: int, dim: int
     if not template.is_trained:
         rng = np.random.default_rng(0)
         n_train = min(count, max(100_000, 64 * getattr(faiss.try_extract_index_ivf(template), "nlist", 1)))
-        rows = np.sort(rng.choice(count, size=n_train, replace=False))
+        picks = np.sort(rng.choice(count, size=n_train, replace=False))
         _say(f"training on {n_train:,} vectors ...")
-        template.train(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
+        template.train(np.concatenate([rows(i, i + 1) for i in picks]) if phi is not None
+                       else np.ascontiguousarray(embeddings[picks], dtype=np.float32))
     bounds = np.linspace(0, count, n_shards + 1).astype(np.int64)
     names = [C.INDEX_FAISS_FILE] if n_shards == 1 else [f"index.{i}.faiss" for i in range(n_shards)]
     progress = Progress("indexing", count, "vectors")
@@ -265,12 +279,20 @@ def _build_faiss(partial: Path, factory: str, params: dict, count: int, dim: int
         index = faiss.clone_index(template)
         for start in range(lo, hi, 65536):
             stop = min(hi, start + 65536)
-            index.add(np.ascontiguousarray(embeddings[start:stop], dtype=np.float32))
+            index.add(rows(start, stop))
             progress.update(stop - start)
         if "efSearch" in params:
             faiss.downcast_index(index).hnsw.efSearch = params["efSearch"]
         if "nprobe" in params:
             faiss.extract_index_ivf(index).nprobe = params["nprobe"]
         faiss.write_index(index, str(partial / name))
-    return names
+    return names, phi
+
+
+def _max_norm(embeddings: np.ndarray) -> float:
+    best = 0.0
+    for start in range(0, len(embeddings), 65536):
+        x = np.asarray(embeddings[start : start + 65536], dtype=np.float32)
+        best = max(best, float(np.sqrt(np.einsum("nd,nd->n", x, x).max())))
+    return best
 

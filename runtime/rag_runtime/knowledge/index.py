@@ -44,7 +44,9 @@ class KnowledgeIndex:
                 shards.append(faiss.read_index(str(self.root / name)))
             except RuntimeError as e:
                 raise ArtifactError(f"cannot read faiss index {self.root / name}: {str(e).splitlines()[0]}") from e
-        if sum(s.ntotal for s in shards) != self.count or any(s.d != self.dim for s in shards):
+        self._phi = self.meta.mips_phi
+        faiss_dim = self.dim + (self._phi is not None)
+        if sum(s.ntotal for s in shards) != self.count or any(s.d != faiss_dim for s in shards):
             raise ArtifactError(f"knowledge index in {self.root} is inconsistent: faiss holds "
                                 f"{sum(s.ntotal for s in shards)} vectors of dim {shards[0].d}, index.json says "
                                 f"{self.count} of dim {self.dim}")
@@ -54,7 +56,7 @@ class KnowledgeIndex:
         if len(shards) == 1:
             self.index = shards[0]
         else:
-            self.index = faiss.IndexShards(self.dim, True, True)  # threaded, successive ids
+            self.index = faiss.IndexShards(faiss_dim, True, True)  # threaded, successive ids
             for s in shards:
                 self.index.add_shard(s)
             self._shards = shards  # IndexShards does not own them
@@ -108,7 +110,13 @@ class KnowledgeIndex:
             raise ValueError(f"n_docs={n_docs} exceeds the {self.count} passages in the index")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         fetch = min(self.count, n_docs * self.rerank)
-        distances, ids = self.index.search(queries, fetch)
+        if self._phi is None:
+            distances, ids = self.index.search(queries, fetch)
+        else:  # L2 over augmented vectors: |q - x|^2 = |q|^2 + phi^2 - 2 q.x
+            padded = np.hstack([queries, np.zeros((len(queries), 1), dtype=np.float32)])
+            distances, ids = self.index.search(padded, fetch)
+            norms = np.einsum("bd,bd->b", queries, queries)[:, None]
+            distances = (norms + self._phi**2 - distances) / 2
         if (ids[:, :n_docs] < 0).any():
             raise ArtifactError(f"the faiss index returned fewer than n_docs={n_docs} results; raise nprobe / "
                                 "ef_search")

@@ -42,6 +42,9 @@ class IndexMeta:
         encoder: Identity of the context encoder that made the embeddings (``{"source", "sha256", "dim"}``),
             None when unknown (imported knowledge bases).
         source: Where the passages came from.
+        mips_phi: Set for graph indexes searched by L2 over augmented vectors: the largest embedding norm
+            Φ; each vector x is stored as [x, sqrt(Φ² - |x|²)] and queries as [q, 0], so the L2 nearest
+            neighbours are the largest inner products (as DPR builds its HNSW index).
         files: Byte size of every file, to catch truncated copies without hashing gigabytes.
     """
 
@@ -53,6 +56,7 @@ class IndexMeta:
     embeddings: str | None = "float32"
     encoder: dict | None = None
     source: str | None = None
+    mips_phi: float | None = None
     files: dict[str, int] = field(default_factory=dict)
     version: int = META_VERSION
 
