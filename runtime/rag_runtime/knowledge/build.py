@@ -250,8 +250,8 @@ def _build_faiss(partial: Path, factory: str, params: dict, count: int, dim: int
     # augmented with one coordinate (see IndexMeta.mips_phi).
     phi = _max_norm(embeddings) if factory.upper().startswith("HNSW") else None
 
-    def rows(lo: int, hi: int) -> np.ndarray:
-        x = np.ascontiguousarray(embeddings[lo:hi], dtype=np.float32)
+    def vectors(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
         if phi is None:
             return x
         extra = np.sqrt(np.maximum(phi * phi - np.einsum("nd,nd->n", x, x), 0.0))
@@ -270,8 +270,7 @@ def _build_faiss(partial: Path, factory: str, params: dict, count: int, dim: int
         n_train = min(count, max(100_000, 64 * getattr(faiss.try_extract_index_ivf(template), "nlist", 1)))
         picks = np.sort(rng.choice(count, size=n_train, replace=False))
         _say(f"training on {n_train:,} vectors ...")
-        template.train(np.concatenate([rows(i, i + 1) for i in picks]) if phi is not None
-                       else np.ascontiguousarray(embeddings[picks], dtype=np.float32))
+        template.train(vectors(embeddings[picks]))
     bounds = np.linspace(0, count, n_shards + 1).astype(np.int64)
     names = [C.INDEX_FAISS_FILE] if n_shards == 1 else [f"index.{i}.faiss" for i in range(n_shards)]
     progress = Progress("indexing", count, "vectors")
@@ -279,7 +278,7 @@ def _build_faiss(partial: Path, factory: str, params: dict, count: int, dim: int
         index = faiss.clone_index(template)
         for start in range(lo, hi, 65536):
             stop = min(hi, start + 65536)
-            index.add(rows(start, stop))
+            index.add(vectors(embeddings[start:stop]))
             progress.update(stop - start)
         if "efSearch" in params:
             faiss.downcast_index(index).hnsw.efSearch = params["efSearch"]

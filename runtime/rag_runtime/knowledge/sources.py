@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ class PassageReader:
         Raises :class:`PassageError` on the first bad row unless skipping. Memory: 16 bytes per row.
         """
         self.skipped, self.problems, self._bad_lines = 0, [], set()
-        lines, keys = [], []
+        lines, keys = array("q"), array("q")
         for line, row in self._rows():
             try:
                 p = self._passage(line, row)
@@ -76,6 +77,7 @@ class PassageReader:
         order = np.argsort(keys, kind="stable")
         same = np.flatnonzero(keys[order][1:] == keys[order][:-1])
         suspects = set(lines[order[same]].tolist()) | set(lines[order[same + 1]].tolist())
+        duplicates = 0
         if suspects:
             first: dict[str, int] = {}
             for line, row in self._rows():
@@ -83,9 +85,10 @@ class PassageReader:
                     pid = self._passage(line, row).pid
                     if pid in first:
                         self._bad(line, f"duplicate passage id {pid!r} (first at line {first[pid]})")
+                        duplicates += 1
                     else:
                         first[pid] = line
-        return len(lines) - len(self._bad_lines & set(lines.tolist()))
+        return len(lines) - duplicates
 
     def __iter__(self) -> Iterator[Passage]:
         """The valid passages, in file order (call :meth:`scan` first)."""
