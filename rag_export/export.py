@@ -29,6 +29,8 @@ from .graphs.generator import (
     decoder_graph,
     generator_type,
 )
+from .graphs.heads import RAG_TOKEN_HEAD_SPEC, RagTokenHead
+from .graphs.heads import export_args as head_export_args
 from .graphs.question_encoder import CONTEXT_ENCODER_SPEC, QUESTION_ENCODER_SPEC, DprEncoderGraph
 
 logger = logging.getLogger(__name__)
@@ -175,8 +177,16 @@ def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, ato
             _, ck, cv = enc_graph(ids, mask)
         past = torch.zeros(dims["layers"], 4, dims["heads"], 3, dims["head_dim"])
         dec_ids = torch.randint(5, 50, (4, 1))
-        dec_path = _export_graph(dec, DECODER_SPEC, (dec_ids, past, past, ck, cv, mask), out, opset)
+        beam_idx = torch.tensor([1, 0, 3, 2])
+        dec_path = _export_graph(dec, DECODER_SPEC, (dec_ids, past, past, beam_idx, ck, cv, mask), out, opset)
         graphs["generator_decoder"] = DECODER_SPEC
+
+    head_path = None
+    if ckpt.kind == "token":
+        with _step("exporting rag_token_head (marginalization + beam candidates)"):
+            head_path = _export_graph(RagTokenHead().eval(), RAG_TOKEN_HEAD_SPEC, head_export_args(dims["vocab"]),
+                                      out, opset)
+            graphs["rag_token_head"] = RAG_TOKEN_HEAD_SPEC
 
     ctx_meta = None
     if context_encoder:
@@ -190,6 +200,8 @@ def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, ato
                 "question_encoder", q_path, q_graph, [C.QUESTION_EMBEDDING], q_vocab, atol)
             validation["generator"] = V.validate_generator(
                 enc_path, dec_path, generator, dims, ckpt.generation_defaults["decoder_start_token_id"], atol)
+            if head_path is not None:
+                validation["rag_token_head"] = V.validate_rag_token_head(head_path, dims["vocab"], atol)
             for name, diffs in validation.items():
                 _progress(f"  {name}: " + ", ".join(f"{k} max|diff| {v:.2e}" for k, v in diffs.items()))
 

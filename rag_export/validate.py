@@ -55,7 +55,8 @@ def validate_encoder(graph: str, path, module, output_names, vocab: int, atol: f
 def validate_generator(encoder_path, decoder_path, generator, dims: dict, decoder_start: int, atol: float,
                        steps: int = 5, beams: int = 2) -> dict[str, float]:
     """Encode, then decode ``steps`` tokens one at a time with the KV cache and ``beams`` folded rows per
-    context, and compare each step's logits with the PyTorch generator run on the whole prefix."""
+    context, and compare each step's logits with the PyTorch generator run on the whole prefix. From the
+    third step on, the beams of each context swap places through ``beam_idx`` (the cache reorder)."""
     enc, dec = _session(encoder_path), _session(decoder_path)
     ids, mask = _sample_ids(dims["vocab"], 2, 11, seed=2)
     hidden, keys, values = enc.run(None, {C.INPUT_IDS: ids.numpy(), C.ATTENTION_MASK: mask.numpy()})
@@ -73,13 +74,46 @@ def validate_generator(encoder_path, decoder_path, generator, dims: dict, decode
                                decoder_input_ids=dec_ids).logits.numpy()
     shape = (dims["layers"], rows, dims["heads"], 0, dims["head_dim"])
     past_k = past_v = np.zeros(shape, dtype=np.float32)
+    order = np.arange(rows)  # decoder row i continues reference row order[i]
+    swap = np.arange(rows).reshape(-1, beams)[:, ::-1].reshape(-1)
     worst = 0.0
     for t in range(steps):
+        beam_idx = swap if t >= 2 else np.arange(rows)
+        order = order[beam_idx]
         logits, past_k, past_v = dec.run(None, {
-            C.DECODER_INPUT_IDS: dec_ids[:, t : t + 1].numpy(), C.PAST_KEYS: past_k, C.PAST_VALUES: past_v,
-            C.CROSS_KEYS: keys, C.CROSS_VALUES: values, C.ENCODER_ATTENTION_MASK: mask.numpy(),
+            C.DECODER_INPUT_IDS: dec_ids[order, t : t + 1].numpy(), C.PAST_KEYS: past_k, C.PAST_VALUES: past_v,
+            C.BEAM_IDX: beam_idx, C.CROSS_KEYS: keys, C.CROSS_VALUES: values,
+            C.ENCODER_ATTENTION_MASK: mask.numpy(),
         })
-        step = compare("generator_decoder", [f"{C.LOGITS}[step {t}]"], [logits[:, 0]], [ref_logits[:, t]], atol)
+        step = compare("generator_decoder", [f"{C.LOGITS}[step {t}]"], [logits[:, 0]], [ref_logits[order, t]],
+                       atol)
         worst = max(worst, *step.values())
     diffs[f"{C.LOGITS} ({steps} cached steps)"] = worst
     return diffs
+
+
+def validate_rag_token_head(path, vocab: int, atol: float) -> dict[str, float]:
+    """The fused head against the runtime's host path (numpy marginalization, bans, top-k) on random
+    logits: the same candidates in the same order, scores within ``atol``."""
+    from rag_runtime.decoding.rag import logsumexp
+    from rag_runtime.decoding.search import _topk, log_softmax
+
+    batch, n_docs, beams, keep = 2, 3, 2, 4
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((batch * n_docs * beams, 1, vocab)).astype(np.float32) * 4
+    prior = log_softmax(rng.standard_normal((batch, n_docs)).astype(np.float32))
+    beam_scores = rng.standard_normal((batch, beams)).astype(np.float32)
+    lp = log_softmax(logits[:, 0].reshape(batch, n_docs, beams, vocab)) + prior[:, :, None, None]
+    acc = log_softmax(logsumexp(lp, axis=1)) + beam_scores[:, :, None]
+    banned = np.argsort(-acc.reshape(-1))[:3]  # ban the three best, so the ban is visible in the result
+    acc = acc.reshape(-1).copy()
+    acc[banned] = -np.inf
+    acc = acc.reshape(batch, beams * vocab)
+    ref_ids = _topk(acc, keep)
+    scores, ids = _session(path).run(None, {
+        C.LOGITS: logits, C.DOC_LOGPRIOR: prior, C.BEAM_SCORES: beam_scores, C.BANNED: banned.astype(np.int64),
+        C.TOP_K: np.array([keep], dtype=np.int64)})
+    if not np.array_equal(ids, ref_ids):
+        raise ValidationError("rag_token_head", f"{C.TOP_IDS} {ids.tolist()} vs {ref_ids.tolist()}", float("inf"),
+                              atol)
+    return compare("rag_token_head", [C.TOP_SCORES], [scores], [np.take_along_axis(acc, ref_ids, axis=1)], atol)

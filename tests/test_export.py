@@ -23,7 +23,8 @@ def test_export_layout_and_manifest(bundles, kind, generator):
     out = bundles[(kind, generator)].export
     manifest = json.loads((out / C.MANIFEST_FILE).read_text())
     assert manifest["kind"] == kind and manifest["generator_type"] == generator
-    assert set(manifest["graphs"]) == {"question_encoder", "generator_encoder", "generator_decoder", "context_encoder"}
+    expected = {"question_encoder", "generator_encoder", "generator_decoder", "context_encoder"}
+    assert set(manifest["graphs"]) == expected | ({"rag_token_head"} if kind == "token" else set())
     for rel, digest in manifest["files"].items():
         assert sha256_file(out / rel) == digest, rel
     for name, graph in manifest["graphs"].items():
@@ -40,6 +41,8 @@ def test_export_layout_and_manifest(bundles, kind, generator):
         assert manifest["generation_defaults"][key] is not None, key
     assert manifest["index"]["count"] == 320
     assert manifest["validation"]["generator"]["logits (5 cached steps)"] < 1e-3
+    if kind == "token":
+        assert manifest["validation"]["rag_token_head"][C.TOP_SCORES] < 1e-3
 
 
 def test_generation_defaults_are_what_transformers_uses(bundles):

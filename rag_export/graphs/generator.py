@@ -3,7 +3,9 @@
 ``generator_encoder``: context ids/mask -> encoder states and every decoder layer's cross-attention
 K/V, computed once per query. ``generator_decoder``: ``t`` new tokens with self-attention past K/V in
 and present K/V out (``t`` = 1 per decode step; ``t`` = the whole answer for teacher-forced rescoring);
-the first step passes a zero-length past, so one graph serves every step with no If node.
+the first step passes a zero-length past, so one graph serves every step with no If node. ``beam_idx``
+reorders the past rows first (row ``i`` continues from past row ``beam_idx[i]``), so beam search
+reorders the cache where it lives, inside the decoder call, instead of gathering it on the host.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ DECODER_SPEC = GraphSpec(
         C.DECODER_INPUT_IDS: ["rows", "new_len"],
         C.PAST_KEYS: ["layers", "rows", "heads", "past_len", "head_dim"],
         C.PAST_VALUES: ["layers", "rows", "heads", "past_len", "head_dim"],
+        C.BEAM_IDX: ["rows"],
         C.CROSS_KEYS: ["layers", "enc_rows", "heads", "src_len", "head_dim"],
         C.CROSS_VALUES: ["layers", "enc_rows", "heads", "src_len", "head_dim"],
         C.ENCODER_ATTENTION_MASK: ["enc_rows", "src_len"],
@@ -56,7 +59,7 @@ DECODER_SPEC = GraphSpec(
         C.PRESENT_KEYS: ["layers", "rows", "heads", "total_len", "head_dim"],
         C.PRESENT_VALUES: ["layers", "rows", "heads", "total_len", "head_dim"],
     },
-    dtypes={C.DECODER_INPUT_IDS: "int64", C.ENCODER_ATTENTION_MASK: "int64"},
+    dtypes={C.DECODER_INPUT_IDS: "int64", C.BEAM_IDX: "int64", C.ENCODER_ATTENTION_MASK: "int64"},
 )
 
 
@@ -111,8 +114,9 @@ class BartDecoderGraph(nn.Module):
         self.scale = dims["head_dim"] ** -0.5
         self.position_offset = getattr(self.decoder.embed_positions, "offset", 2)
 
-    def forward(self, decoder_input_ids, past_keys, past_values, cross_keys, cross_values,
+    def forward(self, decoder_input_ids, past_keys, past_values, beam_idx, cross_keys, cross_values,
                 encoder_attention_mask):
+        past_keys, past_values = past_keys.index_select(1, beam_idx), past_values.index_select(1, beam_idx)
         dec = self.decoder
         past_len = past_keys.shape[3]
         new_len = decoder_input_ids.shape[1]
@@ -163,8 +167,9 @@ class T5DecoderGraph(nn.Module):
         bias = rel.relative_attention_bias(buckets).permute(2, 0, 1)[None]
         return bias + causal_bias(past_len, new_len, dtype)
 
-    def forward(self, decoder_input_ids, past_keys, past_values, cross_keys, cross_values,
+    def forward(self, decoder_input_ids, past_keys, past_values, beam_idx, cross_keys, cross_values,
                 encoder_attention_mask):
+        past_keys, past_values = past_keys.index_select(1, beam_idx), past_values.index_select(1, beam_idx)
         dec = self.decoder
         past_len = past_keys.shape[3]
         new_len = decoder_input_ids.shape[1]

@@ -4,13 +4,14 @@ The exporter writes these into ``manifest.json`` and the runtime reads them back
 side retypes a name.
 """
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: decoder takes beam_idx; rag_token_head graph
 
 MANIFEST_FILE = "manifest.json"
 QUESTION_ENCODER_FILE = "question_encoder.onnx"
 GENERATOR_ENCODER_FILE = "generator_encoder.onnx"
 GENERATOR_DECODER_FILE = "generator_decoder.onnx"
 CONTEXT_ENCODER_FILE = "context_encoder.onnx"
+RAG_TOKEN_HEAD_FILE = "rag_token_head.onnx"
 QUESTION_TOKENIZER_FILE = "tokenizers/question_encoder.json"
 GENERATOR_TOKENIZER_FILE = "tokenizers/generator.json"
 CONTEXT_TOKENIZER_FILE = "tokenizers/context_encoder.json"
@@ -34,6 +35,15 @@ DECODER_INPUT_IDS = "decoder_input_ids"
 ENCODER_ATTENTION_MASK = "encoder_attention_mask"
 PAST_KEYS = "past_keys"
 PAST_VALUES = "past_values"
+BEAM_IDX = "beam_idx"
 LOGITS = "logits"
 PRESENT_KEYS = "present_keys"
 PRESENT_VALUES = "present_values"
+
+# RAG-Token head (marginalization + beam candidates).
+DOC_LOGPRIOR = "doc_logprior"
+BEAM_SCORES = "beam_scores"
+BANNED = "banned"
+TOP_K = "top_k"
+TOP_SCORES = "top_scores"
+TOP_IDS = "top_ids"

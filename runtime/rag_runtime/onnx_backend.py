@@ -54,61 +54,127 @@ def create_session(path: Path, device: str, threads: int | None = None):
         raise ArtifactError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from e
 
 
+class _Device:
+    """Where onnxruntime keeps tensors for a device name, as IOBinding and OrtValue spell it."""
+
+    def __init__(self, device: str):
+        self.name, self.id = ("cuda", 0) if device == "cuda" else ("cpu", 0)
+
+    def value(self, array: np.ndarray):
+        return _ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.name, self.id)
+
+
 @dataclass
 class EncoderState:
-    """Cross-attention K/V [layers, enc_rows, heads, src, head_dim] and the source mask [enc_rows, src]."""
+    """Cross-attention K/V [layers, enc_rows, heads, src, head_dim] and the source mask [enc_rows, src],
+    as onnxruntime values on the session's device (``mask`` also on the host, for shapes)."""
 
-    keys: np.ndarray
-    values: np.ndarray
+    keys: object
+    values: object
+    mask_value: object
     mask: np.ndarray
 
 
 @dataclass
 class DecodeSession:
+    """One decode's device-resident state: the self-attention cache and the pending beam reorder."""
+
     state: EncoderState
-    past_keys: np.ndarray
-    past_values: np.ndarray
+    rows: int
+    past_keys: object = None  # OrtValue once the first step has run
+    past_values: object = None
+    beam_idx: np.ndarray | None = None
 
 
 class OnnxGenerator:
-    """The exported generator encoder + decoder behind the ``GeneratorBackend`` protocol."""
+    """The exported generator encoder + decoder (+ RAG-Token head) behind the ``GeneratorBackend``
+    protocol, driven with IOBinding on any execution provider.
 
-    def __init__(self, encoder, decoder, dims: dict):
-        self.encoder, self.decoder, self.dims = encoder, decoder, dims
+    Encoder outputs, cross K/V and the self-attention KV cache stay on the session's device for the whole
+    decode (onnxruntime values passed from one call to the next); beam reordering happens inside the
+    decoder graph (``beam_idx``). Per step only the new token ids and the beam bookkeeping cross to the
+    host: the logits ([rows, vocab]) do only when the host needs them (:meth:`step`), not on the fused
+    RAG-Token path (:meth:`rag_token_candidates`).
+    """
+
+    def __init__(self, encoder, decoder, dims: dict, head=None, device: str = "cpu"):
+        self.encoder, self.decoder, self.head, self.dims = encoder, decoder, head, dims
+        self.vocab = int(dims["vocab"])
+        self._device = _Device(device)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncoderState:
-        _, keys, values = self.encoder.run(None, {C.INPUT_IDS: input_ids, C.ATTENTION_MASK: attention_mask})
-        return EncoderState(keys, values, attention_mask)
+        io = self.encoder.io_binding()
+        io.bind_cpu_input(C.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        io.bind_cpu_input(C.ATTENTION_MASK, mask)
+        for name in (C.CROSS_KEYS, C.CROSS_VALUES):
+            io.bind_output(name, self._device.name, self._device.id)
+        self.encoder.run_with_iobinding(io)
+        keys, values = io.get_outputs()
+        return EncoderState(keys, values, self._device.value(mask), mask)
 
     def select(self, state: EncoderState, rows: np.ndarray) -> EncoderState:
-        return EncoderState(state.keys[:, rows], state.values[:, rows], state.mask[rows])
+        value = self._device.value
+        return EncoderState(value(state.keys.numpy()[:, rows]), value(state.values.numpy()[:, rows]),
+                            value(state.mask[rows]), state.mask[rows])
 
     def _empty_past(self, rows: int) -> np.ndarray:
         d = self.dims
         return np.zeros((d["layers"], rows, d["heads"], 0, d["head_dim"]), dtype=np.float32)
 
     def start(self, state: EncoderState, beams: int) -> DecodeSession:
-        rows = state.mask.shape[0] * beams
-        return DecodeSession(state, self._empty_past(rows), self._empty_past(rows))
+        return DecodeSession(state, state.mask.shape[0] * beams)
 
-    def _run(self, state: EncoderState, ids: np.ndarray, past_k: np.ndarray, past_v: np.ndarray):
-        return self.decoder.run(None, {
-            C.DECODER_INPUT_IDS: ids, C.PAST_KEYS: past_k, C.PAST_VALUES: past_v,
-            C.CROSS_KEYS: state.keys, C.CROSS_VALUES: state.values, C.ENCODER_ATTENTION_MASK: state.mask,
-        })
+    def _decode(self, session: DecodeSession, ids: np.ndarray, logits_on_host: bool):
+        """One decoder call; advances the session's cache; returns the bound logits value."""
+        io = self.decoder.io_binding()
+        io.bind_cpu_input(C.DECODER_INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
+        if session.past_keys is None:
+            empty = self._empty_past(session.rows)
+            io.bind_cpu_input(C.PAST_KEYS, empty)
+            io.bind_cpu_input(C.PAST_VALUES, empty)
+        else:
+            io.bind_ortvalue_input(C.PAST_KEYS, session.past_keys)
+            io.bind_ortvalue_input(C.PAST_VALUES, session.past_values)
+        beam_idx = session.beam_idx if session.beam_idx is not None else np.arange(session.rows, dtype=np.int64)
+        io.bind_cpu_input(C.BEAM_IDX, beam_idx)
+        state = session.state
+        io.bind_ortvalue_input(C.CROSS_KEYS, state.keys)
+        io.bind_ortvalue_input(C.CROSS_VALUES, state.values)
+        io.bind_ortvalue_input(C.ENCODER_ATTENTION_MASK, state.mask_value)
+        dev = self._device
+        io.bind_output(C.LOGITS, "cpu" if logits_on_host else dev.name, 0 if logits_on_host else dev.id)
+        io.bind_output(C.PRESENT_KEYS, dev.name, dev.id)
+        io.bind_output(C.PRESENT_VALUES, dev.name, dev.id)
+        self.decoder.run_with_iobinding(io)
+        logits, session.past_keys, session.past_values = io.get_outputs()
+        session.beam_idx = None
+        return logits
 
     def step(self, session: DecodeSession, tokens: np.ndarray) -> np.ndarray:
-        logits, session.past_keys, session.past_values = self._run(
-            session.state, np.ascontiguousarray(tokens, dtype=np.int64), session.past_keys, session.past_values)
-        return logits[:, -1]
+        return self._decode(session, tokens, logits_on_host=True).numpy()[:, -1]
+
+    def rag_token_candidates(self, session: DecodeSession, tokens: np.ndarray, doc_logprior: np.ndarray,
+                             beam_scores: np.ndarray, banned: np.ndarray, keep: int
+                             ) -> tuple[np.ndarray, np.ndarray]:
+        logits = self._decode(session, tokens, logits_on_host=False)
+        io = self.head.io_binding()
+        io.bind_ortvalue_input(C.LOGITS, logits)
+        io.bind_cpu_input(C.DOC_LOGPRIOR, np.ascontiguousarray(doc_logprior, dtype=np.float32))
+        io.bind_cpu_input(C.BEAM_SCORES, np.ascontiguousarray(beam_scores, dtype=np.float32))
+        io.bind_cpu_input(C.BANNED, np.ascontiguousarray(banned, dtype=np.int64))
+        io.bind_cpu_input(C.TOP_K, np.array([keep], dtype=np.int64))
+        io.bind_output(C.TOP_SCORES, "cpu")
+        io.bind_output(C.TOP_IDS, "cpu")
+        self.head.run_with_iobinding(io)
+        scores, ids = io.copy_outputs_to_cpu()
+        return scores, ids
 
     def reorder(self, session: DecodeSession, rows: np.ndarray) -> None:
-        if not np.array_equal(rows, np.arange(len(rows))):
-            session.past_keys = session.past_keys[:, rows]
-            session.past_values = session.past_values[:, rows]
+        session.beam_idx = np.ascontiguousarray(rows, dtype=np.int64)
 
     def score(self, state: EncoderState, sequences: np.ndarray) -> np.ndarray:
-        rows = state.mask.shape[0] * sequences.shape[0]
+        n = sequences.shape[0]
         ids = np.tile(sequences.astype(np.int64), (state.mask.shape[0], 1))
-        empty = self._empty_past(rows)
-        return self._run(state, ids, empty, empty)[0]
+        session = DecodeSession(state, state.mask.shape[0] * n)
+        return self._decode(session, ids, logits_on_host=True).numpy()

@@ -56,6 +56,10 @@ class _TimedSession:
         with self._timer("onnxruntime"):
             return self._session.run(*args, **kwargs)
 
+    def run_with_iobinding(self, *args, **kwargs):
+        with self._timer("onnxruntime"):
+            return self._session.run_with_iobinding(*args, **kwargs)
+
     def __getattr__(self, name):
         return getattr(self._session, name)
 
@@ -73,8 +77,9 @@ class RagPipeline:
     """
 
     def __init__(self, root: Path, manifest: dict, device: str, threads: int | None,
-                 index_params: dict | None = None):
+                 index_params: dict | None = None, fused_head: bool = True):
         self.root, self.manifest, self.device = root, manifest, device
+        self.fused_head = fused_head
         self.kind: str = manifest["kind"]
         self.rag: dict = manifest["rag"]
         self.defaults: dict = manifest["generation_defaults"]
@@ -85,7 +90,9 @@ class RagPipeline:
             return _TimedSession(create_session(root / graphs[name]["file"], device, threads), self.timer)
 
         self._q_session = session("question_encoder")
-        self.generator = OnnxGenerator(session("generator_encoder"), session("generator_decoder"), manifest["decoder"])
+        head = session("rag_token_head") if self.kind == "token" and fused_head else None
+        self.generator = OnnxGenerator(session("generator_encoder"), session("generator_decoder"),
+                                       manifest["decoder"], head=head, device=device)
         toks = manifest["tokenizers"]
         self.question_tokenizer = TextTokenizer(root / toks["question_encoder"]["file"], toks["question_encoder"])
         self.generator_tokenizer = TextTokenizer(root / toks["generator"]["file"], toks["generator"])
@@ -94,7 +101,8 @@ class RagPipeline:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", *, threads: int | None = None,
-             verify: bool = True, nprobe: int | None = None, ef_search: int | None = None) -> RagPipeline:
+             verify: bool = True, nprobe: int | None = None, ef_search: int | None = None,
+             fused_head: bool = True) -> RagPipeline:
         """Load an export directory.
 
         Args:
@@ -104,6 +112,8 @@ class RagPipeline:
             verify: Check every file against its sha256 in the manifest.
             nprobe: Inverted lists visited per query (IVF knowledge indexes).
             ef_search: Candidate list size (HNSW knowledge indexes).
+            fused_head: RAG-Token beam search runs the exported head graph, so only the best candidates
+                per step leave the device (False: the step's logits come back and the host ranks them).
 
         Raises:
             ArtifactError: Missing, corrupted or mismatched export.
@@ -112,7 +122,7 @@ class RagPipeline:
         providers_for(device)
         root = Path(path)
         return cls(root, load_manifest(root, verify=verify), device, threads,
-                   {"nprobe": nprobe, "ef_search": ef_search})
+                   {"nprobe": nprobe, "ef_search": ef_search}, fused_head=fused_head)
 
     # -- stages -------------------------------------------------------------------------------------
 
@@ -191,7 +201,7 @@ class RagPipeline:
         with self.timer("decode"):
             start = d["decoder_start_token_id"]
             if self.kind == "token":
-                return rag_token(self.generator, state, doc_scores, start, proc, search)
+                return rag_token(self.generator, state, doc_scores, start, proc, search, fused=self.fused_head)
             rescore = RescoreSettings(
                 pad_token_id=self.rag["generator_pad_token_id"], bos_token_id=self.rag["rescoring_bos_token_id"],
                 label_smoothing=float(self.rag.get("label_smoothing") or 0.0),

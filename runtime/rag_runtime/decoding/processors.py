@@ -48,46 +48,68 @@ def repetition_penalty(input_ids: np.ndarray, scores: np.ndarray, penalty: float
     return out
 
 
-def no_repeat_ngram(input_ids: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
+def _ban(scores: np.ndarray, rows, tokens) -> np.ndarray:
+    if len(rows) == 0:
+        return scores
+    out = scores.copy()
+    out[rows, tokens] = NEG_INF
+    return out
+
+
+def no_repeat_ngram_bans(input_ids: np.ndarray, n: int) -> tuple[list[int], list[int]]:
+    """(rows, tokens) that would repeat an n-gram already in the row."""
+    rows, tokens = [], []
     cur_len = input_ids.shape[1]
     if cur_len < n:
-        return scores
-    out = scores
+        return rows, tokens
     for row in range(input_ids.shape[0]):
         seq = input_ids[row]
         prefix = seq[cur_len + 1 - n :]
-        banned = [int(seq[i + n - 1]) for i in range(cur_len - n + 1) if np.array_equal(seq[i : i + n - 1], prefix)]
-        if banned:
-            if out is scores:
-                out = scores.copy()
-            out[row, banned] = NEG_INF
-    return out
+        for i in range(cur_len - n + 1):
+            if np.array_equal(seq[i : i + n - 1], prefix):
+                rows.append(row)
+                tokens.append(int(seq[i + n - 1]))
+    return rows, tokens
+
+
+def bad_words_bans(input_ids: np.ndarray, words: Sequence[Sequence[int]], eos: Sequence[int]
+                   ) -> tuple[list[int], list[int]]:
+    # transformers drops a bad word that is just an EOS token, then bans the last token of every
+    # sequence whose prefix ends the current input.
+    rows, tokens = [], []
+    for w in words:
+        if len(w) == 1 and w[0] in eos:
+            continue
+        if len(w) == 1:
+            match = np.arange(input_ids.shape[0])
+        else:
+            prefix = np.asarray(w[:-1])
+            if len(prefix) > input_ids.shape[1]:
+                continue
+            match = np.flatnonzero((input_ids[:, -len(prefix) :] == prefix).all(axis=1))
+        rows.extend(match.tolist())
+        tokens.extend([w[-1]] * len(match))
+    return rows, tokens
+
+
+def min_length_bans(input_ids: np.ndarray, length: int, eos: Sequence[int]) -> tuple[list[int], list[int]]:
+    if input_ids.shape[1] >= length:
+        return [], []
+    n = input_ids.shape[0]
+    return [r for r in range(n) for _ in eos], [e for _ in range(n) for e in eos]
+
+
+def no_repeat_ngram(input_ids: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
+    return _ban(scores, *no_repeat_ngram_bans(input_ids, n))
 
 
 def bad_words(input_ids: np.ndarray, scores: np.ndarray, words: Sequence[Sequence[int]],
               eos: Sequence[int]) -> np.ndarray:
-    # transformers drops a bad word that is just an EOS token, then bans the last token of every
-    # sequence whose prefix ends the current input.
-    words = [w for w in words if not (len(w) == 1 and w[0] in eos)]
-    out = scores.copy()
-    for w in words:
-        if len(w) == 1:
-            out[:, w[0]] = NEG_INF
-            continue
-        prefix = np.asarray(w[:-1])
-        if len(prefix) > input_ids.shape[1]:
-            continue
-        match = (input_ids[:, -len(prefix) :] == prefix).all(axis=1)
-        out[match, w[-1]] = NEG_INF
-    return out
+    return _ban(scores, *bad_words_bans(input_ids, words, eos))
 
 
 def min_length(input_ids: np.ndarray, scores: np.ndarray, length: int, eos: Sequence[int]) -> np.ndarray:
-    if input_ids.shape[1] >= length:
-        return scores
-    out = scores.copy()
-    out[:, list(eos)] = NEG_INF
-    return out
+    return _ban(scores, *min_length_bans(input_ids, length, eos))
 
 
 def force_token(scores: np.ndarray, token_ids) -> np.ndarray:
@@ -113,3 +135,34 @@ def apply(settings: ProcessorSettings, input_ids: np.ndarray, scores: np.ndarray
     if s.forced_eos_token_id is not None and cur_len == s.max_length - 1:
         scores = force_token(scores, s.forced_eos_token_id)
     return scores
+
+
+def has_dense(settings: ProcessorSettings, cur_len: int) -> bool:
+    """Whether a processor that rewrites whole score rows (not just bans tokens) acts at ``cur_len``."""
+    s = settings
+    return (s.repetition_penalty != 1.0
+            or (s.forced_bos_token_id is not None and cur_len == 1)
+            or (s.forced_eos_token_id is not None and cur_len == s.max_length - 1))
+
+
+def bans(settings: ProcessorSettings, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (row, token) the ban-only processors (no_repeat_ngram, bad_words, min_length) set to -inf.
+
+    Without dense processors (:func:`has_dense`), ``apply`` equals setting exactly these to -inf, which
+    lets a device-side head apply them from a short index list.
+    """
+    s = settings
+    rows, tokens = [], []
+    if s.no_repeat_ngram_size:
+        r, t = no_repeat_ngram_bans(input_ids, s.no_repeat_ngram_size)
+        rows += r
+        tokens += t
+    if s.bad_words_ids:
+        r, t = bad_words_bans(input_ids, s.bad_words_ids, s.eos_token_ids)
+        rows += r
+        tokens += t
+    if s.min_length > 0 and s.eos_token_ids:
+        r, t = min_length_bans(input_ids, s.min_length, s.eos_token_ids)
+        rows += r
+        tokens += t
+    return np.asarray(rows, dtype=np.int64), np.asarray(tokens, dtype=np.int64)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import processors as P
-from .search import SearchSettings, beam_search, greedy, log_softmax
+from .search import SearchSettings, beam_search, greedy, host_candidates, log_softmax
 
 
 class GeneratorBackend(Protocol):
@@ -37,6 +37,18 @@ class GeneratorBackend(Protocol):
         """Teacher-forced logits [enc_rows * n, L, vocab] for ``n`` sequences against every encoder row."""
 
 
+class RagTokenHead(Protocol):
+    """A backend that can also run the fused RAG-Token head (the logits stay where they are computed)."""
+
+    vocab: int
+
+    def rag_token_candidates(self, session: Any, tokens: np.ndarray, doc_logprior: np.ndarray,
+                             beam_scores: np.ndarray, banned: np.ndarray, keep: int
+                             ) -> tuple[np.ndarray, np.ndarray]:
+        """Feed ``tokens`` like ``step``, then marginalize over passages and return the ``keep`` best
+        (score, beam * vocab + token) per question; ``banned`` are flat indices into [batch, beams, vocab]."""
+
+
 def logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
     m = np.max(x, axis=axis, keepdims=True)
     m = np.where(np.isfinite(m), m, 0).astype(x.dtype)
@@ -58,19 +70,38 @@ class Decoded:
 
 
 def rag_token(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, start_id: int,
-              proc: P.ProcessorSettings, search: SearchSettings) -> Decoded:
-    """RAG-Token: next-token distributions marginalized over the passages at every step."""
+              proc: P.ProcessorSettings, search: SearchSettings, fused: bool = False) -> Decoded:
+    """RAG-Token: next-token distributions marginalized over the passages at every step.
+
+    With ``fused`` (the backend must implement :class:`RagTokenHead`), beam search steps run the fused
+    head and only the ``2 * num_beams`` best candidates per question come back; steps where a processor
+    rewrites whole rows (repetition_penalty, forced BOS/EOS) take the host path.
+    """
     batch, n_docs = doc_scores.shape
     k = search.num_beams
-    doc_lp = log_softmax(doc_scores.astype(np.float32))[:, :, None, None]
+    doc_logprior = log_softmax(doc_scores.astype(np.float32))
+    doc_lp = doc_logprior[:, :, None, None]
     session = backend.start(state, beams=k)
 
-    def step(seqs: np.ndarray) -> np.ndarray:
+    def tokens_of(seqs: np.ndarray) -> np.ndarray:
         last = seqs[:, -1].reshape(batch, 1, k)
-        tokens = np.broadcast_to(last, (batch, n_docs, k)).reshape(-1, 1)
-        logits = backend.step(session, tokens)
+        return np.broadcast_to(last, (batch, n_docs, k)).reshape(-1, 1)
+
+    def step(seqs: np.ndarray) -> np.ndarray:
+        logits = backend.step(session, tokens_of(seqs))
         lp = log_softmax(logits.reshape(batch, n_docs, k, -1)) + doc_lp
         return logsumexp(lp, axis=1).reshape(batch * k, -1)
+
+    host = host_candidates(step, proc)
+
+    def candidates(flat: np.ndarray, running_scores: np.ndarray, keep: int):
+        if not fused or P.has_dense(proc, flat.shape[1]):
+            return host(flat, running_scores, keep)
+        rows, tokens = P.bans(proc, flat)
+        vocab = backend.vocab
+        scores, ids = backend.rag_token_candidates(session, tokens_of(flat), doc_logprior, running_scores,
+                                                   rows * vocab + tokens, keep)
+        return scores, ids // vocab, ids % vocab
 
     start = np.full((batch * k, 1), start_id, dtype=np.int64)
     if k == 1:
@@ -83,7 +114,7 @@ def rag_token(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, sta
             pb = parents.reshape(batch, 1, k)
             backend.reorder(session, (doc_base + pb % k).reshape(-1))
 
-        seqs, scores = beam_search(step, reorder, start, proc, search)
+        seqs, scores = beam_search(candidates, reorder, start, proc, search)
         n = search.num_return_sequences
     return Decoded([seqs[i * n : (i + 1) * n] for i in range(batch)],
                    [scores[i * n : (i + 1) * n] for i in range(batch)])
@@ -138,8 +169,8 @@ def rag_sequence(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, 
         if k == 1:
             cands, beam_scores = greedy(step, start, proc, per_doc)
         else:
-            cands, beam_scores = beam_search(step, lambda rows, s=session: backend.reorder(s, rows),
-                                             start, proc, per_doc)
+            cands, beam_scores = beam_search(host_candidates(step, proc),
+                                             lambda rows, s=session: backend.reorder(s, rows), start, proc, per_doc)
         origin = np.repeat(np.arange(gen_docs), k)
         if rescore.do_deduplication:
             first = {}

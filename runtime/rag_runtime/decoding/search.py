@@ -2,7 +2,9 @@
 
 ``step(sequences)`` receives the running sequences ``[rows, cur_len]`` (rows ordered (item, beam)) and
 returns next-token logits ``[rows, vocab]`` float32 for their last position; the caller keeps its own
-KV cache. ``reorder(parents)`` tells the caller which row each new row continues (beam search only).
+KV cache. Beam search asks a ``candidates`` callable instead (:func:`host_candidates` builds one from a
+``step``; a device-side head can answer it without the logits leaving the device), and
+``reorder(parents)`` tells the caller which row each new row continues.
 
 The beam search is the vectorized one of transformers 5.x (``GenerationMixin._beam_search``): keep
 ``2 * num_beams`` candidates per step, the best ``num_beams`` unfinished ones run on, the best finished
@@ -20,6 +22,10 @@ from . import processors as P
 
 Step = Callable[[np.ndarray], np.ndarray]
 Reorder = Callable[[np.ndarray], None]
+Candidates = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+"""``candidates(sequences [items*k, cur_len], running_scores [items, k], keep)`` -> the ``keep`` best
+(beam, token) extensions per item, best first: scores (processed log-prob + running score), beam, token;
+each [items, keep]. Exact ties rank the lower ``beam * vocab + token`` first."""
 _BIG = np.float32(1.0e9)
 
 
@@ -93,7 +99,21 @@ def greedy(step: Step, start: np.ndarray, proc: P.ProcessorSettings, search: Sea
             return seqs, totals
 
 
-def beam_search(step: Step, reorder: Reorder, start: np.ndarray, proc: P.ProcessorSettings,
+def host_candidates(step: Step, proc: P.ProcessorSettings) -> Candidates:
+    """Candidates from full logits on the host: log_softmax, processors, running scores, top-k."""
+
+    def candidates(flat: np.ndarray, running_scores: np.ndarray, keep: int):
+        log_probs = P.apply(proc, flat, log_softmax(step(flat).astype(np.float32)))
+        batch, k = running_scores.shape
+        vocab = log_probs.shape[-1]
+        acc = (log_probs.reshape(batch, k, vocab) + running_scores[:, :, None]).reshape(batch, k * vocab)
+        top = _topk(acc, keep)
+        return np.take_along_axis(acc, top, axis=1), top // vocab, top % vocab
+
+    return candidates
+
+
+def beam_search(candidates: Candidates, reorder: Reorder, start: np.ndarray, proc: P.ProcessorSettings,
                 search: SearchSettings) -> tuple[np.ndarray, np.ndarray]:
     """Returns sequences [items * num_return_sequences, L] and their (length-normalized) scores."""
     k = search.num_beams
@@ -123,12 +143,7 @@ def beam_search(step: Step, reorder: Reorder, start: np.ndarray, proc: P.Process
 
     while True:
         flat = running[:, :, :cur_len].reshape(batch * k, cur_len)
-        log_probs = P.apply(proc, flat, log_softmax(step(flat).astype(np.float32)))
-        vocab = log_probs.shape[-1]
-        acc = (log_probs.reshape(batch, k, vocab) + running_scores[:, :, None]).reshape(batch, k * vocab)
-        top = _topk(acc, keep)
-        top_scores = np.take_along_axis(acc, top, axis=1)
-        parent, token = top // vocab, top % vocab
+        top_scores, parent, token = candidates(flat, running_scores, keep)
         cand = _take(running, parent)
         cand[:, :, cur_len] = token
         cand_len = np.take_along_axis(running_len, parent, axis=1) + 1
