@@ -37,6 +37,12 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 DEFAULT_ATOL = 1e-3
+PRECISIONS = ("fp32", "fp16")
+# Kept in fp32 in fp16 graphs: normalization statistics, softmax and everything exponential/logarithmic.
+FP32_OPS = ["LayerNormalization", "Softmax", "LogSoftmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Exp",
+            "Log", "ReduceLogSumExp"]
+# IO kept in fp32 in fp16 graphs (the KV cache, in and out, travels in fp16).
+FP32_IO = [C.QUESTION_EMBEDDING, C.PASSAGE_EMBEDDING, C.ENCODER_HIDDEN_STATES, C.LOGITS]
 
 
 def _progress(msg: str) -> None:
@@ -97,6 +103,7 @@ def export(
     context_encoder: str | None = None,
     include_index: bool = True,
     quantize: str | None = None,
+    precision: str = "fp32",
 ) -> Path:
     """Export a RAG checkpoint into an artifact directory for ``rag_runtime``.
 
@@ -111,6 +118,10 @@ def export(
         include_index: Export the checkpoint's custom knowledge base.
         quantize: ``"int8"``: dynamic int8 quantization of the graphs' weights (CPU). The fp32 graphs are
             validated first; the int8 drift against PyTorch is measured and recorded, not enforced.
+        precision: ``"fp32"`` or ``"fp16"`` (for GPUs): fp16 weights and arithmetic, with LayerNorm,
+            softmax and normalization statistics kept in fp32, the KV cache exchanged in fp16, and logits,
+            embeddings and the RAG-Token head (the marginalization) in fp32. The fp32 graphs are validated
+            first; the fp16 drift against PyTorch fp32 is measured and recorded, not enforced.
 
     Returns:
         The output directory.
@@ -121,6 +132,10 @@ def export(
     output_dir = Path(output_dir)
     if quantize not in (None, "int8"):
         raise ExportError(f"unsupported quantization {quantize!r}; supported are: int8")
+    if precision not in PRECISIONS:
+        raise ExportError(f"unsupported precision {precision!r}; supported are: {', '.join(PRECISIONS)}")
+    if quantize and precision != "fp32":
+        raise ExportError("--quantize int8 works on fp32 graphs; drop --precision fp16 (or the quantization)")
     _check_output_dir(output_dir, force)
     if isinstance(model, Checkpoint):
         ckpt = model
@@ -134,7 +149,8 @@ def export(
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
     try:
         manifest = _export_into(ckpt, tmp, opset=opset, validate=validate, atol=atol,
-                                context_encoder=context_encoder, include_index=include_index, quantize=quantize)
+                                context_encoder=context_encoder, include_index=include_index, quantize=quantize,
+                                precision=precision)
         (tmp / C.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=False))
         replace_dir(tmp, output_dir)
     except BaseException:
@@ -145,7 +161,8 @@ def export(
 
 
 def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, atol: float,
-                 context_encoder: str | None, include_index: bool, quantize: str | None = None) -> dict:
+                 context_encoder: str | None, include_index: bool, quantize: str | None = None,
+                 precision: str = "fp32") -> dict:
     import onnx
     import transformers
 
@@ -205,18 +222,23 @@ def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, ato
             for name, diffs in validation.items():
                 _progress(f"  {name}: " + ", ".join(f"{k} max|diff| {v:.2e}" for k, v in diffs.items()))
 
-    if quantize == "int8":
-        with _step("quantizing graphs to int8 (dynamic, weights per channel)"):
-            for spec in graphs.values():
-                _quantize_int8(out / spec.file)
+    reduced = {"int8": (_quantize_int8, "quantizing graphs to int8 (dynamic, weights per channel)"),
+               "fp16": (_convert_fp16, "converting graphs to fp16 (LayerNorm, softmax, logits in fp32)")}
+    mode = quantize or (precision if precision != "fp32" else None)
+    if mode:
+        convert, message = reduced[mode]
+        with _step(message):
+            for name, spec in graphs.items():
+                if name != "rag_token_head":  # the marginalization stays fp32; it has no weights
+                    convert(out / spec.file)
             inf = float("inf")
-            validation["int8_drift"] = {
+            validation[f"{mode}_drift"] = {
                 **V.validate_encoder("question_encoder", q_path, q_graph, [C.QUESTION_EMBEDDING], q_vocab, inf),
                 **V.validate_generator(enc_path, dec_path, generator, dims,
                                        ckpt.generation_defaults["decoder_start_token_id"], inf),
             }
-            _progress("  int8 drift vs PyTorch fp32: " + ", ".join(
-                f"{k} max|diff| {v:.2e}" for k, v in validation["int8_drift"].items()))
+            _progress(f"  {mode} drift vs PyTorch fp32: " + ", ".join(
+                f"{k} max|diff| {v:.2e}" for k, v in validation[f"{mode}_drift"].items()))
 
     with _step("writing tokenizers"):
         (out / "tokenizers").mkdir(exist_ok=True)
@@ -247,12 +269,13 @@ def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, ato
         "context_encoder_source": context_encoder,
         "kind": ckpt.kind,
         "generator_type": gen_type,
-        "precision": quantize or "fp32",
+        "precision": quantize or precision,
         "opset": opset,
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
                      "onnx": onnx.__version__},
-        "graphs": {name: spec.to_manifest(sha256_file(out / spec.file)) for name, spec in graphs.items()},
-        "decoder": dims,
+        "graphs": {name: spec.to_manifest(sha256_file(out / spec.file), _io_dtypes(out / spec.file))
+                   for name, spec in graphs.items()},
+        "decoder": {**dims, "kv_dtype": _io_dtypes(dec_path)[C.PRESENT_KEYS]},
         "question_embedding_dim": int(model.question_encoder.config.hidden_size
                                       if not getattr(model.question_encoder.config, "projection_dim", 0)
                                       else model.question_encoder.config.projection_dim),
@@ -288,6 +311,27 @@ def _quantize_int8(path: Path) -> None:
     finally:
         root.setLevel(level)
     tmp.replace(path)
+
+
+def _convert_fp16(path: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path))
+    keep = [v.name for v in (*model.graph.input, *model.graph.output) if v.name in FP32_IO]
+    model = convert_float_to_float16(model, keep_io_types=keep, op_block_list=FP32_OPS)
+    tmp = path.with_suffix(".fp16.onnx")
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
+
+
+def _io_dtypes(path: Path) -> dict[str, str]:
+    """Element type name of every graph input and output, as the file declares it."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+            for v in (*model.graph.input, *model.graph.output)}
 
 
 def _export_context_encoder(source: str, out: Path, opset: int, validate: bool, atol: float,

@@ -73,7 +73,8 @@ def validate_generator(encoder_path, decoder_path, generator, dims: dict, decode
                                attention_mask=mask.repeat_interleave(beams, 0),
                                decoder_input_ids=dec_ids).logits.numpy()
     shape = (dims["layers"], rows, dims["heads"], 0, dims["head_dim"])
-    past_k = past_v = np.zeros(shape, dtype=np.float32)
+    kv_dtype = next(i.type for i in dec.get_inputs() if i.name == C.PAST_KEYS)
+    past_k = past_v = np.zeros(shape, dtype=np.float16 if kv_dtype == "tensor(float16)" else np.float32)
     order = np.arange(rows)  # decoder row i continues reference row order[i]
     swap = np.arange(rows).reshape(-1, beams)[:, ::-1].reshape(-1)
     worst = 0.0

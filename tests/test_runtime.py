@@ -142,3 +142,36 @@ def test_rag_generate_cli_bad_input(bundles, capsys):
     assert generate_main([str(bundles[("token", "t5")].export), "q", "--num-beams", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rag-generate: error: num_beams") and "Traceback" not in err
+
+
+class _CountingHead:
+    """Wraps the head session and counts its calls."""
+
+    def __init__(self, session):
+        self.session, self.calls = session, 0
+
+    def run_with_iobinding(self, *args, **kwargs):
+        self.calls += 1
+        return self.session.run_with_iobinding(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+@pytest.mark.parametrize("generator", ["bart", "t5"])
+@pytest.mark.parametrize(("params", "fused_steps"), [
+    (dict(num_beams=3, max_length=12, min_length=6, no_repeat_ngram_size=2), True),  # bans travel as indices
+    (dict(num_beams=2, max_length=10, bad_words_ids=[[7], [9, 11]]), True),
+    (dict(num_beams=2, max_length=10, repetition_penalty=1.5), False),  # rewrites whole rows: host path
+], ids=["bans", "bad_words", "repetition"])
+def test_fused_rag_token_head_matches_the_host_path(bundles, questions, generator, params, fused_steps):
+    export = bundles[("token", generator)].export
+    fused, host = RagPipeline.load(export), RagPipeline.load(export, fused_head=False)
+    head = fused.generator.head = _CountingHead(fused.generator.head)
+    assert host.generator.head is None
+    got, want = fused.generate(questions[:3], **params), host.generate(questions[:3], **params)
+    assert (head.calls > 0) == fused_steps
+    for g, w in zip(got, want, strict=True):
+        assert [a.token_ids for a in g.answers] == [a.token_ids for a in w.answers]
+        np.testing.assert_allclose([a.score for a in g.answers], [a.score for a in w.answers], rtol=1e-5)
+    assert len({tuple(a.token_ids) for r in got for a in r.answers}) > 1, "degenerate answers prove nothing"

@@ -29,9 +29,12 @@ class GraphSpec:
             for io, axes in {**self.inputs, **self.outputs}.items()
         }
 
-    def to_manifest(self, sha256: str) -> dict:
+    def to_manifest(self, sha256: str, dtypes: dict[str, str] | None = None) -> dict:
+        """The manifest entry; ``dtypes`` (read from the file) override the spec's after a conversion."""
+        dtypes = {**self.dtypes, **(dtypes or {})}
+
         def describe(ios: dict[str, list[str]]) -> list[dict]:
-            return [{"name": n, "dtype": self.dtypes.get(n, "float32"), "shape": s} for n, s in ios.items()]
+            return [{"name": n, "dtype": dtypes.get(n, "float32"), "shape": s} for n, s in ios.items()]
 
         return {"file": self.file, "sha256": sha256, "inputs": describe(self.inputs),
                 "outputs": describe(self.outputs)}

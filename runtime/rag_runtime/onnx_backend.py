@@ -120,7 +120,7 @@ class OnnxGenerator:
 
     def _empty_past(self, rows: int) -> np.ndarray:
         d = self.dims
-        return np.zeros((d["layers"], rows, d["heads"], 0, d["head_dim"]), dtype=np.float32)
+        return np.zeros((d["layers"], rows, d["heads"], 0, d["head_dim"]), dtype=d.get("kv_dtype", "float32"))
 
     def start(self, state: EncoderState, beams: int) -> DecodeSession:
         return DecodeSession(state, state.mask.shape[0] * beams)
