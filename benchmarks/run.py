@@ -41,19 +41,33 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def prepare(workload: str, kind: str, generator: str, quantize: str | None = None) -> tuple[Path, Path]:
-    """Build (once) the checkpoint and its export under .cache/bench/."""
-    spec = WORKLOADS[workload]
-    ckpt = CACHE / f"{workload}-{kind}-{generator}" / "checkpoint"
-    export_dir = CACHE / f"{workload}-{kind}-{generator}" / ("export" + (f"-{quantize}" if quantize else ""))
-    if not (ckpt / "config.json").exists():
-        _log(f"building {workload} checkpoint (random weights) in {ckpt}")
+def build_checkpoint(path: Path, workload: str, kind: str, generator: str, index_type: str | None = "Flat") -> Path:
+    """Build (once) a random-weight checkpoint of the workload's size (``index_type=None``: no knowledge base)."""
+    if not (path / "config.json").exists():
+        _log(f"building {workload} checkpoint (random weights) in {path}")
         mod_spec = importlib.util.spec_from_file_location("make_tiny_rag", ROOT / "scripts" / "make_tiny_rag.py")
         factory = importlib.util.module_from_spec(mod_spec)
         mod_spec.loader.exec_module(factory)
-        factory.build(ckpt, kind, generator, spec["size"], factory.DEFAULT_CORPUS, seed=0,
-                      n_passages=spec["passages"], n_docs=5, index_type="Flat")
-    if not (export_dir / "manifest.json").exists():
+        spec = WORKLOADS[workload]
+        factory.build(path, kind, generator, spec["size"], factory.DEFAULT_CORPUS, seed=0,
+                      n_passages=spec["passages"], n_docs=5, index_type=index_type)
+    return path
+
+
+def is_current(export_dir: Path) -> bool:
+    """An export this runtime reads (older formats are rebuilt)."""
+    from rag_runtime import constants as C
+
+    manifest = export_dir / C.MANIFEST_FILE
+    return manifest.exists() and json.loads(manifest.read_text()).get("format_version") == C.FORMAT_VERSION
+
+
+def prepare(workload: str, kind: str, generator: str, quantize: str | None = None) -> tuple[Path, Path]:
+    """Build (once) the checkpoint and its export under .cache/bench/."""
+    ckpt = CACHE / f"{workload}-{kind}-{generator}" / "checkpoint"
+    export_dir = CACHE / f"{workload}-{kind}-{generator}" / ("export" + (f"-{quantize}" if quantize else ""))
+    build_checkpoint(ckpt, workload, kind, generator)
+    if not is_current(export_dir):
         from rag_export import export
 
         t0 = time.perf_counter()

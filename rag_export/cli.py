@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                    help="fp16: half-precision graphs for GPUs, LayerNorm/softmax/logits kept in fp32 "
                    "(reports drift vs fp32)")
+    p.add_argument("--optimize", action="store_true",
+                   help="fuse with onnxruntime's transformer optimizer (validated like the unfused graphs)")
     p.add_argument("-v", "--verbose", action="store_true", help="log transformers' messages too")
     return p
 
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export(args.model, args.output, force=args.force, opset=args.opset, validate=args.validate,
                atol=args.atol, context_encoder=args.context_encoder, include_index=args.include_index,
-               quantize=args.quantize, precision=args.precision)
+               quantize=args.quantize, precision=args.precision, optimize=args.optimize)
     except ExportError as e:
         print(f"rag-export: error: {e}", file=sys.stderr)
         return 2

@@ -39,7 +39,8 @@ DEFAULT_OPSET = 17
 DEFAULT_ATOL = 1e-3
 PRECISIONS = ("fp32", "fp16")
 # Kept in fp32 in fp16 graphs: normalization statistics, softmax and everything exponential/logarithmic.
-FP32_OPS = ["LayerNormalization", "Softmax", "LogSoftmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Exp",
+FP32_OPS = ["LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+            "SkipSimplifiedLayerNormalization", "Softmax", "LogSoftmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Exp",
             "Log", "ReduceLogSumExp"]
 # IO kept in fp32 in fp16 graphs (the KV cache, in and out, travels in fp16).
 FP32_IO = [C.QUESTION_EMBEDDING, C.PASSAGE_EMBEDDING, C.ENCODER_HIDDEN_STATES, C.LOGITS]
@@ -104,6 +105,7 @@ def export(
     include_index: bool = True,
     quantize: str | None = None,
     precision: str = "fp32",
+    optimize: bool = False,
 ) -> Path:
     """Export a RAG checkpoint into an artifact directory for ``rag_runtime``.
 
@@ -122,6 +124,8 @@ def export(
             softmax and normalization statistics kept in fp32, the KV cache exchanged in fp16, and logits,
             embeddings and the RAG-Token head (the marginalization) in fp32. The fp32 graphs are validated
             first; the fp16 drift against PyTorch fp32 is measured and recorded, not enforced.
+        optimize: Run onnxruntime's transformer optimizer over the encoder and decoder graphs (residual
+            add + LayerNorm and bias + GELU fusions) before validation, so what is validated is what ships.
 
     Returns:
         The output directory.
@@ -150,7 +154,7 @@ def export(
     try:
         manifest = _export_into(ckpt, tmp, opset=opset, validate=validate, atol=atol,
                                 context_encoder=context_encoder, include_index=include_index, quantize=quantize,
-                                precision=precision)
+                                precision=precision, optimize=optimize)
         (tmp / C.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=False))
         replace_dir(tmp, output_dir)
     except BaseException:
@@ -162,7 +166,7 @@ def export(
 
 def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, atol: float,
                  context_encoder: str | None, include_index: bool, quantize: str | None = None,
-                 precision: str = "fp32") -> dict:
+                 precision: str = "fp32", optimize: bool = False) -> dict:
     import onnx
     import transformers
 
@@ -210,6 +214,12 @@ def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, ato
         with _step(f"exporting context_encoder from {context_encoder}"):
             ctx_meta = _export_context_encoder(context_encoder, out, opset, validate, atol, validation)
             graphs["context_encoder"] = CONTEXT_ENCODER_SPEC
+
+    if optimize:
+        with _step("optimizing graphs (onnxruntime transformer fusions)"):
+            fused = {name: _optimize(out / spec.file, OPTIMIZER_TYPES[name][gen_type], dims, model)
+                     for name, spec in graphs.items() if name in OPTIMIZER_TYPES}
+            _progress("  fused: " + "; ".join(f"{name} {ops or 'nothing'}" for name, ops in fused.items()))
 
     if validate:
         with _step("validating graphs against PyTorch"):
@@ -270,6 +280,7 @@ def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, ato
         "kind": ckpt.kind,
         "generator_type": gen_type,
         "precision": quantize or precision,
+        "optimized": optimize,
         "opset": opset,
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
                      "onnx": onnx.__version__},
@@ -311,6 +322,33 @@ def _quantize_int8(path: Path) -> None:
     finally:
         root.setLevel(level)
     tmp.replace(path)
+
+
+# onnxruntime optimizer model type per graph and generator type.
+OPTIMIZER_TYPES = {"question_encoder": {"bart": "bert", "t5": "bert"},
+                   "generator_encoder": {"bart": "bart", "t5": "t5"},
+                   "generator_decoder": {"bart": "bart", "t5": "t5"}}
+
+
+def _optimize(path: Path, model_type: str, dims: dict, model) -> str:
+    """Fuse in place; returns the fused operators and their counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    if model_type == "bert":
+        cfg = model.question_encoder.config
+        heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+    else:
+        heads, hidden = dims["heads"], dims["d_model"]
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the optimizer logs every pattern it does not find
+    try:
+        optimized = optimize_model(str(path), model_type=model_type, num_heads=heads, hidden_size=hidden,
+                                   opt_level=0)
+    finally:
+        root.setLevel(level)
+    optimized.save_model_to_file(str(path))
+    return ", ".join(f"{op} x{n}" for op, n in optimized.get_fused_operator_statistics().items() if n)
 
 
 def _convert_fp16(path: Path) -> None:

@@ -188,9 +188,7 @@ def _scale_weights(model, seed: int, gain: float, embed_std: float = 0.5) -> Non
 
 
 def build(out: Path, kind: str, generator: str, size: str, corpus: Path, seed: int,
-          n_passages: int, n_docs: int, index_type: str) -> None:
-    import datasets
-    import faiss
+          n_passages: int, n_docs: int, index_type: str | None) -> None:
     import numpy as np
     import torch
     from transformers import (
@@ -259,37 +257,43 @@ def build(out: Path, kind: str, generator: str, size: str, corpus: Path, seed: i
         eos_token_id=gen_cfg.eos_token_id, bos_token_id=getattr(gen_cfg, "bos_token_id", None), **gen_defaults,
     )
 
-    # Knowledge base: passages embedded by the (random) DPR context encoder, exactly as a real one would be.
-    t0 = time.perf_counter()
-    ctx_model.eval()
-    embeddings = []
-    with torch.no_grad():
-        for i in range(0, len(passages), 64):
-            chunk = passages[i : i + 64]
-            # DPR passage encoding: "title [SEP] text", padding masked, segment ids all 0 (as rag-index
-            # build embeds; transformers' RAG example passes input_ids alone, leaving padding unmasked).
-            enc = q_tok([p["title"] for p in chunk], [p["text"] for p in chunk], truncation=True,
-                        max_length=512, padding="longest", return_tensors="pt")
-            embeddings.append(ctx_model(enc.input_ids, attention_mask=enc.attention_mask).pooler_output.numpy())
-    emb = np.concatenate(embeddings).astype("float32")
-    _log(f"embedded {len(passages)} passages in {time.perf_counter() - t0:.1f}s")
+    if index_type:
+        import datasets
+        import faiss
 
-    kb_dir = (out / "knowledge").resolve()
-    ds = datasets.Dataset.from_dict({
-        "title": [p["title"] for p in passages],
-        "text": [p["text"] for p in passages],
-        "embeddings": [e for e in emb],
-    })
-    ds.save_to_disk(str(kb_dir / "passages"))
-    index = faiss.index_factory(emb.shape[1], index_type, faiss.METRIC_INNER_PRODUCT)
-    ds.add_faiss_index("embeddings", custom_index=index)
-    ds.get_index("embeddings").save(str(kb_dir / "passages.faiss"))
+        # Knowledge base: passages embedded by the (random) DPR context encoder, exactly as a real one would be.
+        t0 = time.perf_counter()
+        ctx_model.eval()
+        embeddings = []
+        with torch.no_grad():
+            for i in range(0, len(passages), 64):
+                chunk = passages[i : i + 64]
+                # DPR passage encoding: "title [SEP] text", padding masked, segment ids all 0 (as rag-index
+                # build embeds; transformers' RAG example passes input_ids alone, leaving padding unmasked).
+                enc = q_tok([p["title"] for p in chunk], [p["text"] for p in chunk], truncation=True,
+                            max_length=512, padding="longest", return_tensors="pt")
+                embeddings.append(ctx_model(enc.input_ids, attention_mask=enc.attention_mask).pooler_output.numpy())
+        emb = np.concatenate(embeddings).astype("float32")
+        _log(f"embedded {len(passages)} passages in {time.perf_counter() - t0:.1f}s")
 
-    rag_cfg = RagConfig.from_question_encoder_generator_configs(
-        dpr_cfg, gen_cfg, n_docs=n_docs, max_combined_length=300, retrieval_vector_size=emb.shape[1],
-        index_name="custom", passages_path=str(kb_dir / "passages"),
-        index_path=str(kb_dir / "passages.faiss"), use_dummy_dataset=False,
-    )
+        kb_dir = (out / "knowledge").resolve()
+        ds = datasets.Dataset.from_dict({
+            "title": [p["title"] for p in passages],
+            "text": [p["text"] for p in passages],
+            "embeddings": [e for e in emb],
+        })
+        ds.save_to_disk(str(kb_dir / "passages"))
+        index = faiss.index_factory(emb.shape[1], index_type, faiss.METRIC_INNER_PRODUCT)
+        ds.add_faiss_index("embeddings", custom_index=index)
+        ds.get_index("embeddings").save(str(kb_dir / "passages.faiss"))
+        rag_cfg = RagConfig.from_question_encoder_generator_configs(
+            dpr_cfg, gen_cfg, n_docs=n_docs, max_combined_length=300, retrieval_vector_size=emb.shape[1],
+            index_name="custom", passages_path=str(kb_dir / "passages"),
+            index_path=str(kb_dir / "passages.faiss"), use_dummy_dataset=False,
+        )
+    else:  # no knowledge base (generation from supplied contexts only; needs neither faiss nor datasets)
+        rag_cfg = RagConfig.from_question_encoder_generator_configs(dpr_cfg, gen_cfg, n_docs=n_docs,
+                                                                    max_combined_length=300)
     cls = RagTokenForGeneration if kind == "token" else RagSequenceForGeneration
     model = cls(config=rag_cfg, question_encoder=q_model, generator=gen_model)
     if kind == "token":
@@ -315,12 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL with title and text")
     parser.add_argument("--passages", type=int, default=0, help="minimum passage count (longer ones are joined)")
     parser.add_argument("--n-docs", type=int, default=5)
-    parser.add_argument("--index-type", default="Flat", help="faiss factory string")
+    parser.add_argument("--index-type", default="Flat",
+                        help="faiss factory string, or 'none' for no knowledge base (needs neither faiss nor datasets)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     build(args.out, args.kind, args.generator, args.size, args.corpus, args.seed, args.passages,
-          args.n_docs, args.index_type)
+          args.n_docs, None if args.index_type.lower() == "none" else args.index_type)
     return 0
 
 

@@ -82,6 +82,33 @@ def test_generate_matches_transformers(bundles, questions, kind, generator, case
 
 
 @pytest.mark.parametrize(("kind", "generator"), COMBOS, ids=[f"{k}-{g}" for k, g in COMBOS])
+def test_optimized_export_matches_transformers(bundles, questions, tmp_path, kind, generator):
+    """`--optimize` (onnxruntime's fusions) changes float rounding, not answers."""
+    import json
+
+    import onnx
+
+    from rag_export import export
+    from rag_runtime import RagPipeline
+    from rag_runtime import constants as C
+
+    bundle = bundles[(kind, generator)]
+    out = export(str(bundle.checkpoint), tmp_path / "optimized", optimize=True)
+    assert json.loads((out / C.MANIFEST_FILE).read_text())["optimized"] is True
+    ops = {n.op_type for n in onnx.load(str(out / C.GENERATOR_DECODER_FILE)).graph.node}
+    assert ops & {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}, ops
+    qs = questions[2:8]
+    params = dict(num_beams=3, max_length=12, n_docs=5)
+    ref = bundle.reference.generate(qs, **params)
+    got = RagPipeline.load(out).generate(qs, **params)
+    defaults = bundle.pipeline.defaults
+    eos, pad = set(defaults["eos_token_id"]), defaults["pad_token_id"]
+    assert_not_degenerate([r.sequences for r in ref], eos | {pad, defaults["decoder_start_token_id"]})
+    for r, g in zip(ref, got, strict=True):
+        assert [a.token_ids for a in g.answers] == [_trim(row, eos, pad) for row in r.sequences]
+
+
+@pytest.mark.parametrize(("kind", "generator"), COMBOS, ids=[f"{k}-{g}" for k, g in COMBOS])
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_generate_from_context_matches_transformers(bundles, questions, kind, generator, num_beams):
     """The user-supplied contexts path: the very array transformers returns, padding included."""

@@ -39,13 +39,17 @@ def providers_for(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def create_session(path: Path, device: str, threads: int | None = None):
+def create_session(path: Path, device: str, threads: int | None = None, spinning: bool = True):
+    """An onnxruntime session on ``device``. ``spinning=False`` for sessions that run between the calls
+    of another: their idle pool threads would otherwise spin on the cores the next call needs."""
     ort = _ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or os.cpu_count() or 1
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers_for(device))
     except Exception as e:  # onnxruntime raises its own exception types for unreadable models

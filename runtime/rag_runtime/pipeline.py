@@ -86,11 +86,12 @@ class RagPipeline:
         graphs = manifest["graphs"]
         self.timer = StageTimer()
 
-        def session(name: str):
-            return _TimedSession(create_session(root / graphs[name]["file"], device, threads), self.timer)
+        def session(name: str, **kwargs):
+            return _TimedSession(create_session(root / graphs[name]["file"], device, threads, **kwargs), self.timer)
 
         self._q_session = session("question_encoder")
-        head = session("rag_token_head") if self.kind == "token" and fused_head else None
+        # The head runs between decoder steps: its idle threads must not spin on the decoder's cores.
+        head = session("rag_token_head", spinning=False) if self.kind == "token" and fused_head else None
         self.generator = OnnxGenerator(session("generator_encoder"), session("generator_decoder"),
                                        manifest["decoder"], head=head, device=device)
         toks = manifest["tokenizers"]
