@@ -30,6 +30,8 @@ def test_device_benchmark_without_faiss_or_datasets(tmp_path):
         agree = run["agreement"]["runtime-fp32 vs transformers-fp32"]
         assert agree["identical"] == agree["compared"] > 0
         assert "runtime-fp16 vs transformers-fp16" in run["agreement"]
-        for side in run["sides"].values():
+        for name, side in run["sides"].items():
             assert side["decode_step_ms"] > 0 and side["p99_ms"] >= side["p50_ms"] > 0
+            if name.startswith("runtime"):
+                assert 0 < side["host_ms_per_step"] < side["decode_step_ms"]
     assert "| runtime-fp16 |" in (tmp_path / "results" / "smoke.md").read_text()

@@ -86,3 +86,26 @@ def test_topk_matches_torch():
     got = _topk(x, 10)
     assert (got == np.arange(100, 110)).all(), "ties are broken by index"
     assert {tuple(sorted(r)) for r in torch.topk(torch.from_numpy(x), 10).indices.numpy()} == {tuple(range(100, 110))}
+
+
+@pytest.mark.parametrize("settings", [
+    dict(no_repeat_ngram_size=2, min_length=30),
+    dict(no_repeat_ngram_size=3, bad_words_ids=((7,), (9, 11), (4, 5, 6))),
+    dict(min_length=3),
+    dict(),
+], ids=["ngram+min_length", "ngram+bad_words", "min_length_over", "none"])
+def test_bans_are_apply_without_dense_processors(batch, settings):
+    """The fused head applies processors as an index list of bans; that must equal applying them."""
+    ids, scores = batch
+    s = P.ProcessorSettings(max_length=40, eos_token_ids=(2, 3), **settings)
+    assert not P.has_dense(s, ids.shape[1])
+    rows, tokens = P.bans(s, ids)
+    banned = scores.copy()
+    banned[rows, tokens] = -np.inf
+    np.testing.assert_array_equal(banned, P.apply(s, ids, scores))
+
+
+def test_dense_processors_are_detected():
+    s = P.ProcessorSettings(max_length=10, forced_bos_token_id=0, forced_eos_token_id=2)
+    assert [P.has_dense(s, n) for n in (1, 2, 8, 9)] == [True, False, False, True]
+    assert P.has_dense(P.ProcessorSettings(max_length=10, repetition_penalty=1.2), 5)

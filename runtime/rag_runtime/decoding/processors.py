@@ -49,6 +49,7 @@ def repetition_penalty(input_ids: np.ndarray, scores: np.ndarray, penalty: float
 
 
 def _ban(scores: np.ndarray, rows, tokens) -> np.ndarray:
+    """``scores`` with (rows, tokens) set to -inf (the same array when there is nothing to ban)."""
     if len(rows) == 0:
         return scores
     out = scores.copy()
@@ -56,20 +57,16 @@ def _ban(scores: np.ndarray, rows, tokens) -> np.ndarray:
     return out
 
 
-def no_repeat_ngram_bans(input_ids: np.ndarray, n: int) -> tuple[list[int], list[int]]:
-    """(rows, tokens) that would repeat an n-gram already in the row."""
-    rows, tokens = [], []
+def no_repeat_ngram_bans(input_ids: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, tokens) that would repeat an n-gram already in the row: the last token of every n-gram
+    whose first ``n - 1`` tokens equal the row's last ``n - 1``."""
     cur_len = input_ids.shape[1]
     if cur_len < n:
-        return rows, tokens
-    for row in range(input_ids.shape[0]):
-        seq = input_ids[row]
-        prefix = seq[cur_len + 1 - n :]
-        for i in range(cur_len - n + 1):
-            if np.array_equal(seq[i : i + n - 1], prefix):
-                rows.append(row)
-                tokens.append(int(seq[i + n - 1]))
-    return rows, tokens
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    grams = np.lib.stride_tricks.sliding_window_view(input_ids, n, axis=1)  # [rows, cur_len - n + 1, n]
+    prefix = input_ids[:, cur_len + 1 - n :]
+    rows, starts = np.nonzero((grams[:, :, :-1] == prefix[:, None, :]).all(axis=2))
+    return rows, grams[rows, starts, -1]
 
 
 def bad_words_bans(input_ids: np.ndarray, words: Sequence[Sequence[int]], eos: Sequence[int]
@@ -92,11 +89,11 @@ def bad_words_bans(input_ids: np.ndarray, words: Sequence[Sequence[int]], eos: S
     return rows, tokens
 
 
-def min_length_bans(input_ids: np.ndarray, length: int, eos: Sequence[int]) -> tuple[list[int], list[int]]:
+def min_length_bans(input_ids: np.ndarray, length: int, eos: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     if input_ids.shape[1] >= length:
-        return [], []
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     n = input_ids.shape[0]
-    return [r for r in range(n) for _ in eos], [e for _ in range(n) for e in eos]
+    return np.repeat(np.arange(n), len(eos)), np.tile(np.asarray(eos, dtype=np.int64), n)
 
 
 def no_repeat_ngram(input_ids: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
@@ -152,17 +149,14 @@ def bans(settings: ProcessorSettings, input_ids: np.ndarray) -> tuple[np.ndarray
     lets a device-side head apply them from a short index list.
     """
     s = settings
-    rows, tokens = [], []
+    parts = []
     if s.no_repeat_ngram_size:
-        r, t = no_repeat_ngram_bans(input_ids, s.no_repeat_ngram_size)
-        rows += r
-        tokens += t
+        parts.append(no_repeat_ngram_bans(input_ids, s.no_repeat_ngram_size))
     if s.bad_words_ids:
-        r, t = bad_words_bans(input_ids, s.bad_words_ids, s.eos_token_ids)
-        rows += r
-        tokens += t
+        parts.append(bad_words_bans(input_ids, s.bad_words_ids, s.eos_token_ids))
     if s.min_length > 0 and s.eos_token_ids:
-        r, t = min_length_bans(input_ids, s.min_length, s.eos_token_ids)
-        rows += r
-        tokens += t
-    return np.asarray(rows, dtype=np.int64), np.asarray(tokens, dtype=np.int64)
+        parts.append(min_length_bans(input_ids, s.min_length, s.eos_token_ids))
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return (np.concatenate([np.asarray(r, dtype=np.int64) for r, _ in parts]),
+            np.concatenate([np.asarray(t, dtype=np.int64) for _, t in parts]))

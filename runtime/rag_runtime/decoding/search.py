@@ -71,10 +71,8 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Gather along axis 1 with [batch, k] indices (transformers' _gather_beams)."""
-    while idx.ndim < x.ndim:
-        idx = idx[..., None]
-    return np.take_along_axis(x, idx, axis=1)
+    """Gather along axis 1 with [batch, k] indices, trailing axes kept (transformers' _gather_beams)."""
+    return x[np.arange(x.shape[0])[:, None], idx]
 
 
 def greedy(step: Step, start: np.ndarray, proc: P.ProcessorSettings, search: SearchSettings
@@ -146,18 +144,18 @@ def beam_search(candidates: Candidates, reorder: Reorder, start: np.ndarray, pro
         top_scores, parent, token = candidates(flat, running_scores, keep)
         cand = _take(running, parent)
         cand[:, :, cur_len] = token
-        cand_len = np.take_along_axis(running_len, parent, axis=1) + 1
+        cand_len = _take(running_len, parent) + 1
         parent_rows = parent + batch_offset
 
-        hits = np.isin(token, eos) | (cur_len + 1 >= max_length)
+        hits = (token[:, :, None] == eos).any(axis=2) | (cur_len + 1 >= max_length)
 
         # The best `k` unfinished candidates run on.
         run_scores = top_scores + hits.astype(np.float32) * -_BIG
         nxt = _topk(run_scores, k)
         running = _take(cand, nxt)
-        running_scores = np.take_along_axis(run_scores, nxt, axis=1)
-        running_len = np.take_along_axis(cand_len, nxt, axis=1)
-        chosen_parents = np.take_along_axis(parent_rows, nxt, axis=1)
+        running_scores = _take(run_scores, nxt)
+        running_len = _take(cand_len, nxt)
+        chosen_parents = _take(parent_rows, nxt)
 
         # Finished candidates among the top `k` compete with the finished hypotheses so far.
         just_finished = hits & top_k_mask[None, :]
@@ -169,9 +167,9 @@ def beam_search(candidates: Candidates, reorder: Reorder, start: np.ndarray, pro
         merged_scores = np.concatenate([beam_scores, normed.astype(np.float32)], axis=1)
         best = _topk(merged_scores, k)
         sequences = _take(np.concatenate([sequences, cand], axis=1), best)
-        beam_scores = np.take_along_axis(merged_scores, best, axis=1)
-        lengths = np.take_along_axis(np.concatenate([lengths, cand_len], axis=1), best, axis=1)
-        finished = np.take_along_axis(np.concatenate([finished, just_finished], axis=1), best, axis=1)
+        beam_scores = _take(merged_scores, best)
+        lengths = _take(np.concatenate([lengths, cand_len], axis=1), best)
+        finished = _take(np.concatenate([finished, just_finished], axis=1), best)
 
         reorder(chosen_parents.reshape(-1))
         cur_len += 1
