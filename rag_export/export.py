@@ -272,6 +272,7 @@ def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, ato
     # load would make start-up scale with the corpus.
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] != C.INDEX_DIR)
     gen_tok, q_tok = ckpt.generator_tokenizer, ckpt.question_tokenizer
+    io_dtypes = {name: _io_dtypes(out / spec.file) for name, spec in graphs.items()}  # as the files declare
     bos_for_rescoring = cfg.bos_token_id or getattr(cfg.generator, "bos_token_id", None)
     return {
         "format_version": C.FORMAT_VERSION,
@@ -284,9 +285,9 @@ def _export_into(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, ato
         "opset": opset,
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
                      "onnx": onnx.__version__},
-        "graphs": {name: spec.to_manifest(sha256_file(out / spec.file), _io_dtypes(out / spec.file))
+        "graphs": {name: spec.to_manifest(sha256_file(out / spec.file), io_dtypes[name])
                    for name, spec in graphs.items()},
-        "decoder": {**dims, "kv_dtype": _io_dtypes(dec_path)[C.PRESENT_KEYS]},
+        "decoder": {**dims, "kv_dtype": io_dtypes["generator_decoder"][C.PRESENT_KEYS]},
         "question_embedding_dim": int(model.question_encoder.config.hidden_size
                                       if not getattr(model.question_encoder.config, "projection_dim", 0)
                                       else model.question_encoder.config.projection_dim),

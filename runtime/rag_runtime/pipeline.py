@@ -54,13 +54,8 @@ class _TimedSession:
         self._session, self._timer, self._stage = session, timer, f"onnxruntime/{graph}"
 
     def _timed(self, run, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
+        with self._timer("onnxruntime"), self._timer(self._stage):
             return run(*args, **kwargs)
-        finally:
-            dt = time.perf_counter() - t0
-            self._timer.totals["onnxruntime"] += dt
-            self._timer.totals[self._stage] += dt
 
     def run(self, *args, **kwargs):
         return self._timed(self._session.run, *args, **kwargs)
