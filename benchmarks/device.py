@@ -54,17 +54,10 @@ def prepare(workload: str, precisions: list[str]) -> tuple[Path, dict[str, Path]
 
 def contexts(pipe, questions: list[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per question, ``N_DOCS`` corpus passages contextualized as the retriever does, and passage scores."""
-    from rag_runtime.pipeline import contextualize
-
     corpus = [json.loads(line) for line in (ROOT / "scripts" / "data" / "corpus.jsonl").read_text().splitlines()
               if line.strip()]
-    rag = pipe.rag
-    texts = []
-    for i, q in enumerate(questions):
-        for j in range(N_DOCS):
-            p = corpus[(i * 7 + j * 13) % len(corpus)]
-            texts.append(contextualize(p["title"], p["text"], q, rag["prefix"], rag["title_sep"], rag["doc_sep"]))
-    ids, mask = pipe.generator_tokenizer.encode(texts, max_length=rag["max_combined_length"])
+    passages = [[corpus[(i * 7 + j * 13) % len(corpus)] for j in range(N_DOCS)] for i in range(len(questions))]
+    ids, mask = pipe.contextualizer.encode(questions, passages)
     scores = np.random.default_rng(seed).normal(0.0, 2.0, (len(questions), N_DOCS)).astype(np.float32)
     return ids.astype(np.int64), mask.astype(np.int64), scores
 
@@ -106,12 +99,12 @@ def measure(ckpt: Path, exports: dict[str, Path], ref_dtypes: list[str], device:
     import torch
     from transformers import RagTokenForGeneration
 
-    from rag_runtime import RagPipeline
+    from rag_runtime import RagPipeline, StageTimer
 
     clock = _Sync(device)
     sides: dict[str, tuple] = {}
     for precision, export_dir in exports.items():
-        pipe = RagPipeline.load(export_dir, device=device)
+        pipe = RagPipeline.load(export_dir, device=device, timer=StageTimer())
         sides[f"runtime-{precision}"] = ("runtime", pipe)
     dtypes = {"fp32": torch.float32, "fp16": torch.float16}
     for dtype in ref_dtypes:

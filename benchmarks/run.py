@@ -117,11 +117,11 @@ def measure(ckpt: Path, export_dir: Path, questions: list[str], batch: int, para
             rounds: int) -> dict:
     import torch
 
-    from rag_export.reference import Reference
-    from rag_runtime import RagPipeline
+    from benchmarks.reference import Reference
+    from rag_runtime import RagPipeline, StageTimer
 
     torch.set_num_threads(threads or os.cpu_count())
-    pipe = RagPipeline.load(export_dir, threads=threads)
+    pipe = RagPipeline.load(export_dir, threads=threads, timer=StageTimer())
     ref = Reference(str(ckpt))
     ref_timer = _RefTimer(ref)
     batches = [questions[i : i + batch] for i in range(0, len(questions) - batch + 1, batch)]
@@ -147,7 +147,7 @@ def measure(ckpt: Path, export_dir: Path, questions: list[str], batch: int, para
             for j, res in enumerate(got):
                 rows = want[j * per_q : (j + 1) * per_q]
                 total += 1
-                identical += [a.token_ids for a in res.answers] == [pipe._trim(row) for row in rows]
+                identical += [a.token_ids for a in res.answers] == [pipe.generator.trim(row) for row in rows]
     n_batches = len(batches) * rounds
     stages = {k: v / n_batches for k, v in pipe.timer.totals.items()}
     runtime_total = statistics.fmean(lat["runtime"]) * batch
@@ -180,7 +180,7 @@ if {side!r} == "runtime":
     m = RagPipeline.load({str(export_dir)!r})
     run = lambda q: m.generate(q, **params)
 else:
-    from rag_export.reference import Reference
+    from benchmarks.reference import Reference
     m = Reference({str(ckpt)!r})
     run = lambda q: m.generate_ids(q, **params)
 for i in range(0, len(qs), batch):
@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    manifest = json.loads((export_dir / "manifest.json").read_text())
+    from rag_runtime import Manifest
+
+    manifest = Manifest.load(export_dir, verify=False)
     report = {
         "name": name,
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -307,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads or os.cpu_count(),
         "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
-        "workload_detail": f"{args.workload} ({spec['size']} dims, {manifest['index']['count']} passages), "
-                           f"rag-{args.kind} {args.generator}, precision {manifest['precision']}, params {params}",
+        "workload_detail": f"{args.workload} ({spec['size']} dims, {manifest.index.count} passages), "
+                           f"rag-{args.kind} {args.generator}, precision {manifest.precision}, params {params}",
         "params": params,
         "runs": runs,
     }

@@ -38,14 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from rag_export import export
-    from rag_runtime import RagPipeline
+    from rag_runtime import RagPipeline, StageTimer
 
     ckpt, plain = prepare(args.workload, "token", "bart")
     optimized = plain.with_name("export-optimized")
     if not is_current(optimized):
         export(str(ckpt), optimized, force=True, optimize=True)
     dirs = {"export": plain, "export-optimized": optimized}
-    pipes = {name: RagPipeline.load(dirs[d], **kw) for name, (d, kw) in VARIANTS.items()}
+    pipes = {name: RagPipeline.load(dirs[d], timer=StageTimer(), **kw) for name, (d, kw) in VARIANTS.items()}
     n = WORKLOADS[args.workload]["answer_tokens"] + 1
     params = dict(n_docs=5, num_beams=4, num_return_sequences=1, max_length=n, min_length=n,
                   no_repeat_ngram_size=0, length_penalty=1.0, early_stopping=True)

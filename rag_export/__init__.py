@@ -2,6 +2,6 @@
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import ExportError, ValidationError
-from .export import export
+from .export import export, export_context_encoder
 
-__all__ = ["Checkpoint", "ExportError", "ValidationError", "export", "load_checkpoint"]
+__all__ = ["Checkpoint", "ExportError", "ValidationError", "export", "export_context_encoder", "load_checkpoint"]

@@ -48,7 +48,7 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or bool(parent and os.path.isdir(parent))
 
 
-def _read_config(source: str) -> dict:
+def read_config(source: str) -> dict:
     from transformers import PretrainedConfig
 
     try:
@@ -80,10 +80,10 @@ def detect_kind(config_dict: dict, source: str) -> str:
             f"unsupported question encoder {q_type!r}; supported are: {', '.join(SUPPORTED_QUESTION_ENCODERS)}"
         )
     g_type = (config_dict.get("generator") or {}).get("model_type")
-    from .graphs.generator import SUPPORTED_GENERATORS
+    from .graphs.families import supported_model_types
 
-    if g_type not in SUPPORTED_GENERATORS:
-        raise ExportError(f"unsupported generator {g_type!r}; supported are: {', '.join(SUPPORTED_GENERATORS)}")
+    if g_type not in supported_model_types():
+        raise ExportError(f"unsupported generator {g_type!r}; supported are: {', '.join(supported_model_types())}")
     return kinds[0]
 
 
@@ -136,7 +136,7 @@ def resolve_generation_defaults(model, kind: str) -> dict:
 
 def load_checkpoint(source: str) -> Checkpoint:
     """Load ``source`` (hub id or directory) without its retriever; errors are ``ExportError``."""
-    config_dict = _read_config(str(source))
+    config_dict = read_config(str(source))
     kind = detect_kind(config_dict, str(source))
     from transformers import RagSequenceForGeneration, RagTokenForGeneration, RagTokenizer
 

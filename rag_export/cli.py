@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from .errors import ExportError
-from .export import DEFAULT_ATOL, DEFAULT_OPSET
+from rag_runtime.commands import run_command, setup_logging
+
+from .export import DEFAULT_ATOL, DEFAULT_OPSET, export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,24 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    setup_logging("rag-export", args.verbose)
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    from .export import export
 
-    try:
-        export(args.model, args.output, force=args.force, opset=args.opset, validate=args.validate,
-               atol=args.atol, context_encoder=args.context_encoder, include_index=args.include_index,
-               quantize=args.quantize, precision=args.precision, optimize=args.optimize)
-    except ExportError as e:
-        print(f"rag-export: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rag-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    return 0
+    def run() -> int:
+        export(args.model, args.output, force=args.force, opset=args.opset, validate=args.validate, atol=args.atol,
+               context_encoder=args.context_encoder, include_index=args.include_index, quantize=args.quantize,
+               precision=args.precision, optimize=args.optimize)
+        return 0
+
+    return run_command("rag-export", run)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from rag_runtime.errors import RagError
 
-class ExportError(Exception):
+
+class ExportError(RagError):
     """A user-facing export failure: bad model id, unsupported checkpoint, existing output, ..."""
 
 

@@ -13,11 +13,11 @@ PARAMS = dict(num_beams=4, max_length=20, num_return_sequences=2)
 
 
 def main(checkpoint: str, export_dir: str) -> int:
-    from rag_export.reference import Reference
-    from rag_runtime import RagPipeline
+    from benchmarks.reference import Reference
+    from rag_runtime import RagPipeline, StageTimer
 
     questions = [q for q in QUESTIONS.read_text().splitlines() if q.strip()][:6]
-    pipe = RagPipeline.load(export_dir)
+    pipe = RagPipeline.load(export_dir, timer=StageTimer())
     print(f"\nLoaded {export_dir}: rag-{pipe.kind}, {pipe.index.count} passages. "
           "Weights are random, so answers are noise; sources and parity are real.\n")
     pipe.generate(questions[:1], **PARAMS)  # warm-up
@@ -39,7 +39,7 @@ def main(checkpoint: str, export_dir: str) -> int:
     same = 0
     for r, e in zip(results, expected, strict=True):
         got = [a.token_ids for a in r.answers]
-        want = [[t for t in row.tolist() if t != pipe.defaults["pad_token_id"]] for row in e.sequences]
+        want = [[t for t in row.tolist() if t != pipe.manifest.generation_defaults.pad_token_id] for row in e.sequences]
         same += got == want
         assert np.allclose([a.score for a in r.answers], e.scores, rtol=1e-4)
     print(f"   token-identical answers: {same}/{len(questions)} questions")

@@ -7,4 +7,4 @@ if [ ! -f "$out/checkpoint/config.json" ]; then
   python scripts/make_tiny_rag.py "$out/checkpoint" --kind token --generator bart
 fi
 rag-export "$out/checkpoint" "$out/export" --force --context-encoder "$out/checkpoint/context_encoder"
-python scripts/demo.py "$out/checkpoint" "$out/export"
+PYTHONPATH=. python scripts/demo.py "$out/checkpoint" "$out/export"

@@ -65,7 +65,7 @@ class Bundle:
     @property
     def reference(self):
         if self._reference is None:
-            from rag_export.reference import Reference
+            from benchmarks.reference import Reference
 
             self._reference = Reference(str(self.checkpoint))
         return self._reference

@@ -36,10 +36,14 @@ def test_repetition_penalty(batch, penalty):
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8])
 def test_no_repeat_ngram(batch, n):
     ids, scores = batch
+    ids = ids.copy()
+    ids[1] = 3  # a constant row repeats every n-gram up to its length, so n = 7 bans too
     got = P.no_repeat_ngram(ids, scores, n)
     np.testing.assert_array_equal(got, _ref(LP.NoRepeatNGramLogitsProcessor(n), ids, scores))
-    if n <= 2:
-        assert np.isinf(got).any(), "the fixture should trigger some bans"
+    if n <= ids.shape[1]:
+        assert np.isinf(got[1, 3]) and np.isinf(got).sum() >= 1, "the constant row must ban its token"
+    else:  # an n-gram longer than the sequence cannot have occurred: nothing may change
+        np.testing.assert_array_equal(got, scores)
 
 
 def test_bad_words(batch):
@@ -51,10 +55,15 @@ def test_bad_words(batch):
 
 
 @pytest.mark.parametrize("length", [3, 7, 8])
-def test_min_length(batch, length):
+@pytest.mark.parametrize("current", [2, 6, 7])
+def test_min_length(batch, length, current):
     ids, scores = batch
-    np.testing.assert_array_equal(P.min_length(ids, scores, length, [2, 5]),
-                                  _ref(LP.MinLengthLogitsProcessor(length, [2, 5]), ids, scores))
+    ids = ids[:, :current]
+    got = P.min_length(ids, scores, length, [2, 5])
+    np.testing.assert_array_equal(got, _ref(LP.MinLengthLogitsProcessor(length, [2, 5]), ids, scores))
+    banned = np.isinf(got[:, [2, 5]]).all()
+    assert banned == (current < length), "EOS is banned exactly while the sequence is shorter than min_length"
+    np.testing.assert_array_equal(np.delete(got, [2, 5], axis=1), np.delete(scores, [2, 5], axis=1))
 
 
 def test_forced_bos_and_eos(batch):
@@ -76,14 +85,14 @@ def test_log_softmax_and_logsumexp_match_torch(batch):
 
 
 def test_topk_matches_torch():
-    from rag_runtime.decoding.search import _topk
+    from rag_runtime.decoding.search import topk
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(3, 5000)).astype(np.float32)
     for k in (1, 4, 8, 40):
-        np.testing.assert_array_equal(_topk(x, k), torch.topk(torch.from_numpy(x), k).indices.numpy())
+        np.testing.assert_array_equal(topk(x, k), torch.topk(torch.from_numpy(x), k).indices.numpy())
     x[:, 100:110] = 9.0  # exact ties: torch's order among them is unspecified, the set is not
-    got = _topk(x, 10)
+    got = topk(x, 10)
     assert (got == np.arange(100, 110)).all(), "ties are broken by index"
     assert {tuple(sorted(r)) for r in torch.topk(torch.from_numpy(x), 10).indices.numpy()} == {tuple(range(100, 110))}
 

@@ -14,8 +14,9 @@ import pytest
 from conftest import COMBOS, build_checkpoint, build_export
 from rag_export import ExportError, ValidationError, export
 from rag_export.cli import main as export_main
+from rag_runtime import ArtifactError
 from rag_runtime import constants as C
-from rag_runtime.artifacts import sha256_file
+from rag_runtime.files import sha256_file
 
 
 @pytest.mark.parametrize(("kind", "generator"), COMBOS, ids=[f"{k}-{g}" for k, g in COMBOS])
@@ -40,9 +41,27 @@ def test_export_layout_and_manifest(bundles, kind, generator):
                 "early_stopping", "decoder_start_token_id", "eos_token_id", "pad_token_id"):
         assert manifest["generation_defaults"][key] is not None, key
     assert manifest["index"]["count"] == 320
-    assert manifest["validation"]["generator"]["logits (5 cached steps)"] < 1e-3
+    assert manifest["validation"]["generator_decoder"]["logits (5 cached steps)"] < 1e-3
     if kind == "token":
         assert manifest["validation"]["rag_token_head"][C.TOP_SCORES] < 1e-3
+
+
+@pytest.mark.parametrize(("kind", "generator"), COMBOS[:2], ids=[f"{k}-{g}" for k, g in COMBOS[:2]])
+def test_typed_manifest_reads_every_field_back(bundles, kind, generator, tmp_path):
+    """The typed Manifest is the whole contract: loading and saving it loses and invents nothing."""
+    from rag_runtime import Manifest
+
+    out = bundles[(kind, generator)].export
+    raw = json.loads((out / C.MANIFEST_FILE).read_text())
+    manifest = Manifest.load(out)
+    assert manifest.to_dict() == raw
+    manifest.save(tmp_path)
+    assert json.loads((tmp_path / C.MANIFEST_FILE).read_text()) == raw
+    assert manifest.graph(C.GENERATOR_DECODER).dtype(C.PRESENT_KEYS) == manifest.decoder.kv_dtype == "float32"
+    broken = {k: v for k, v in raw.items() if k != "graphs"}
+    (tmp_path / C.MANIFEST_FILE).write_text(json.dumps(broken))
+    with pytest.raises(ArtifactError, match="corrupted: manifest lacks graphs"):
+        Manifest.load(tmp_path, verify=False)
 
 
 def test_generation_defaults_are_what_transformers_uses(bundles):
@@ -166,18 +185,20 @@ def test_export_without_index_then_runtime_still_serves_contexts(work_dir, tmp_p
     ids = np.array([[0, 100, 200, 2], [0, 300, 2, 1]], dtype=np.int64)
     mask = (ids != 1).astype(np.int64)
     rows = pipe.generate_from_context(ids, mask, np.array([[1.0, 0.5]], dtype=np.float32), num_beams=2, max_length=6)
-    assert rows.shape[0] == 1 and rows[0, 0] == pipe.defaults["decoder_start_token_id"]
+    assert rows.shape[0] == 1 and rows[0, 0] == pipe.manifest.generation_defaults.decoder_start_token_id
 
 
 def test_int8_export_records_drift_and_serves(work_dir, tmp_path, questions):
     from rag_runtime import RagPipeline
 
     ckpt = build_checkpoint(work_dir, "token", "bart")
-    out = export(str(ckpt), tmp_path / "int8", quantize="int8", include_index=True)
+    out = export(str(ckpt), tmp_path / "int8", quantize="int8", context_encoder=str(ckpt / "context_encoder"))
     manifest = json.loads((out / C.MANIFEST_FILE).read_text())
     assert manifest["precision"] == "int8"
     drift = manifest["validation"]["int8_drift"]
-    assert drift["question_embedding"] > 0  # quantized: measured, never claimed identical
+    # Quantized: measured for every converted graph (the context encoder too), never claimed identical.
+    assert set(drift) == {"question_encoder", "generator_encoder", "generator_decoder", "context_encoder"}
+    assert drift["question_encoder"]["question_embedding"] > 0 and drift["context_encoder"]["passage_embedding"] > 0
     fp32_size = (build_export(work_dir, "token", "bart") / C.GENERATOR_DECODER_FILE).stat().st_size
     assert (out / C.GENERATOR_DECODER_FILE).stat().st_size < fp32_size
     ops = {n.op_type for n in onnx.load(str(out / C.GENERATOR_DECODER_FILE)).graph.node}
@@ -196,7 +217,7 @@ def test_fp16_export_keeps_sensitive_ops_in_fp32_records_drift_and_serves(work_d
     manifest = json.loads((out / C.MANIFEST_FILE).read_text())
     assert manifest["precision"] == "fp16" and manifest["decoder"]["kv_dtype"] == "float16"
     drift = manifest["validation"]["fp16_drift"]
-    assert 0 < drift["logits (5 cached steps)"] < 0.1  # measured, never claimed identical
+    assert 0 < drift["generator_decoder"]["logits (5 cached steps)"] < 0.1  # measured, never claimed identical
     io = {i["name"]: i["dtype"] for i in manifest["graphs"]["generator_decoder"]["inputs"]
           + manifest["graphs"]["generator_decoder"]["outputs"]}
     assert io[C.PAST_KEYS] == io[C.PRESENT_KEYS] == io[C.CROSS_KEYS] == "float16" and io[C.LOGITS] == "float32"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -11,13 +12,19 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from test_parity import _trim, assert_not_degenerate
+from support import assert_not_degenerate, reference_tokens, special_ids
 
 CORPUS = ROOT / "scripts" / "data" / "corpus.jsonl"
 
 
 def rag_index(*args) -> int:
     from rag_runtime.index_cli import main
+
+    return main([str(a) for a in args])
+
+
+def rag_export_index(*args) -> int:
+    from rag_export.index_cli import main
 
     return main([str(a) for a in args])
 
@@ -87,7 +94,7 @@ def test_import_attach_answers_like_transformers(token_bart, tmp_path, questions
 
     exp = export(str(token_bart.checkpoint), tmp_path / "export", include_index=False)
     kb = token_bart.checkpoint / "knowledge"
-    assert rag_index("import", kb / "passages", kb / "passages.faiss", tmp_path / "imported") == 0
+    assert rag_export_index("import", kb / "passages", kb / "passages.faiss", tmp_path / "imported") == 0
     assert rag_index("attach", exp, tmp_path / "imported") == 0
     assert "does not record its context encoder" in capsys.readouterr().err
     pipe = RagPipeline.load(exp)
@@ -95,12 +102,12 @@ def test_import_attach_answers_like_transformers(token_bart, tmp_path, questions
     params = dict(num_beams=3, max_length=12, n_docs=4)
     ref = token_bart.reference.generate(qs, **params)
     got = pipe.generate(qs, **params)
-    eos, pad = set(pipe.defaults["eos_token_id"]), pipe.defaults["pad_token_id"]
+    eos, pad = special_ids(pipe)
     assert_not_degenerate([r.sequences for r in ref], eos | {pad})
     for r, g in zip(ref, got, strict=True):
         assert [d.id for d in g.docs] == r.doc_ids.tolist()
         np.testing.assert_allclose([d.score for d in g.docs], r.doc_scores, rtol=1e-4, atol=1e-5)
-        assert [a.token_ids for a in g.answers] == [_trim(row, eos, pad) for row in r.sequences]
+        assert [a.token_ids for a in g.answers] == [reference_tokens(row, eos, pad) for row in r.sequences]
 
 
 def test_attach_checks_dimension_encoder_and_existing(token_bart, built, tmp_path, capsys):
@@ -184,16 +191,17 @@ def test_shards_fp16_and_no_embeddings(token_bart, built, tmp_path):
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
 
 
-def test_interrupted_build_resumes_to_the_same_index(token_bart, built, tmp_path, capsys):
+def test_interrupted_build_resumes_to_the_same_index(token_bart, built, tmp_path, caplog):
     from rag_runtime.knowledge import BuildOptions, ContextEncoder, build_index
 
+    caplog.set_level(logging.INFO, logger="rag_runtime")
     encoder = ContextEncoder(token_bart.export)
     out = tmp_path / "resumed"
     options = BuildOptions(index_type="flat", batch_size=50)
     assert build_index(CORPUS, out, encoder, options, stop_after=120) is None
     assert not out.exists() and (tmp_path / ".resumed.partial" / "build-state.json").is_file()
     build_index(CORPUS, out, encoder, options)
-    assert "resuming an interrupted build after 150 of 320" in capsys.readouterr().err
+    assert "resuming an interrupted build after 150 of 320" in caplog.text
     assert not (tmp_path / ".resumed.partial").exists()
     for name in ("passages.jsonl", "passages.offsets.npy"):
         assert (out / name).read_bytes() == (built / name).read_bytes()
@@ -259,7 +267,11 @@ def test_input_errors_are_one_line(token_bart, built, tmp_path, capsys):
     assert rag_index("build", CORPUS, built, *enc) == 2
     one_line_error(capsys, "not empty", "--force")
     assert rag_index("build", CORPUS, tmp_path / "o", "--context-encoder", built) == 2
-    one_line_error(capsys, "cannot load DPR context encoder")  # an index directory is not an encoder
+    one_line_error(capsys, "not a rag-export directory")  # an index directory is not an encoder
+    assert rag_export_index("context-encoder", built, tmp_path / "enc") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("rag-export-index: error: cannot load DPR context encoder"), err
+    assert not (tmp_path / "enc").exists() and not list(tmp_path.glob(".enc.*"))
     assert rag_index("build", CORPUS, tmp_path / "o", *enc, "--index-type", "Bogus,Thing") == 2
     one_line_error(capsys, "faiss cannot build index type 'Bogus,Thing'")
 
@@ -290,14 +302,20 @@ def test_search_cli(token_bart, built, capsys):
     assert all(d["pid"].startswith("p") and d["text"] for d in out["docs"])
 
 
-def test_build_from_a_dpr_checkpoint_exports_it_on_the_fly(token_bart, built, tmp_path, capsys):
+def test_build_from_a_dpr_checkpoint_exported_by_the_exporter(token_bart, built, tmp_path, capsys):
+    """A bare DPR context encoder checkpoint: rag-index refuses it with the command that exports it, and
+    the index built from that export equals the one built from the full export's encoder."""
+    checkpoint = token_bart.checkpoint / "context_encoder"
+    assert rag_index("build", CORPUS, tmp_path / "kb", "--context-encoder", checkpoint) == 2
+    one_line_error(capsys, "not a rag-export directory", "rag-export-index context-encoder")
+    encoder = tmp_path / "encoder"
+    assert rag_export_index("context-encoder", checkpoint, encoder) == 0
+    assert "exporting context_encoder" in capsys.readouterr().err
     out = tmp_path / "from-checkpoint"
-    assert rag_index("build", CORPUS, out, "--context-encoder", token_bart.checkpoint / "context_encoder",
-                     "--index-type", "flat") == 0
-    assert "exporting context_encoder from" in capsys.readouterr().err
+    assert rag_index("build", CORPUS, out, "--context-encoder", encoder, "--index-type", "flat") == 0
     np.testing.assert_allclose(np.load(out / "embeddings.npy"), np.load(built / "embeddings.npy"), atol=1e-5)
     meta = json.loads((out / "index.json").read_text())
-    assert meta["encoder"]["source"] == str(token_bart.checkpoint / "context_encoder")
+    assert meta["encoder"]["source"] == str(checkpoint)
 
 
 def test_hnsw_without_embeddings_scores_inner_products(token_bart, built, tmp_path):

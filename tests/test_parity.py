@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import COMBOS
+from support import assert_not_degenerate, reference_tokens, special_ids
 
 RTOL = 1e-4
 
@@ -41,21 +42,6 @@ def _params(name: str) -> dict:
     return dict(GRID[name] if name in GRID else SEQUENCE_ONLY[name])
 
 
-def assert_not_degenerate(rows: list[np.ndarray], special: set[int]) -> None:
-    generated = [t for r in rows for seq in r for t in seq[1:].tolist() if t not in special]
-    assert len(set(generated)) >= 3, f"reference output is degenerate: {rows}"
-
-
-def _trim(row: np.ndarray, eos: set[int], pad: int) -> list[int]:
-    tokens = row.tolist()
-    for i in range(1, len(tokens)):
-        if tokens[i] in eos:
-            return tokens[: i + 1]
-    while len(tokens) > 1 and tokens[-1] == pad:
-        tokens.pop()
-    return tokens
-
-
 @pytest.mark.parametrize(("kind", "generator", "case"), CASES, ids=[f"{k}-{g}-{c}" for k, g, c in CASES])
 def test_generate_matches_transformers(bundles, questions, kind, generator, case):
     bundle = bundles[(kind, generator)]
@@ -64,9 +50,9 @@ def test_generate_matches_transformers(bundles, questions, kind, generator, case
     params = _params(case)
     ref = bundle.reference.generate(qs, **params)
     got = bundle.pipeline.generate(qs, **params)
-    defaults = bundle.pipeline.defaults
-    eos, pad = set(defaults["eos_token_id"]), defaults["pad_token_id"]
-    assert_not_degenerate([r.sequences for r in ref], eos | {pad, defaults["decoder_start_token_id"]})
+    defaults = bundle.pipeline.manifest.generation_defaults
+    eos, pad = special_ids(bundle.pipeline)
+    assert_not_degenerate([r.sequences for r in ref], eos | {pad, defaults.decoder_start_token_id})
 
     assert len(got) == len(qs)
     for q, r, g in zip(qs, ref, got, strict=True):
@@ -74,7 +60,7 @@ def test_generate_matches_transformers(bundles, questions, kind, generator, case
         assert [d.id for d in g.docs] == r.doc_ids.tolist()
         np.testing.assert_allclose([d.score for d in g.docs], r.doc_scores, rtol=RTOL, atol=1e-5)
         # Scores in the message tell a decoding bug from a float near-tie (two candidates within ~1e-5).
-        assert [a.token_ids for a in g.answers] == [_trim(row, eos, pad) for row in r.sequences], (
+        assert [a.token_ids for a in g.answers] == [reference_tokens(row, eos, pad) for row in r.sequences], (
             f"{q!r}: runtime scores {[a.score for a in g.answers]}, reference scores {r.scores}"
         )
         if r.scores is not None:
@@ -101,11 +87,11 @@ def test_optimized_export_matches_transformers(bundles, questions, tmp_path, kin
     params = dict(num_beams=3, max_length=12, n_docs=5)
     ref = bundle.reference.generate(qs, **params)
     got = RagPipeline.load(out).generate(qs, **params)
-    defaults = bundle.pipeline.defaults
-    eos, pad = set(defaults["eos_token_id"]), defaults["pad_token_id"]
-    assert_not_degenerate([r.sequences for r in ref], eos | {pad, defaults["decoder_start_token_id"]})
+    defaults = bundle.pipeline.manifest.generation_defaults
+    eos, pad = special_ids(bundle.pipeline)
+    assert_not_degenerate([r.sequences for r in ref], eos | {pad, defaults.decoder_start_token_id})
     for r, g in zip(ref, got, strict=True):
-        assert [a.token_ids for a in g.answers] == [_trim(row, eos, pad) for row in r.sequences]
+        assert [a.token_ids for a in g.answers] == [reference_tokens(row, eos, pad) for row in r.sequences]
 
 
 @pytest.mark.parametrize(("kind", "generator"), COMBOS, ids=[f"{k}-{g}" for k, g in COMBOS])
@@ -132,8 +118,8 @@ def test_generate_from_context_matches_transformers(bundles, questions, kind, ge
                                       doc_scores=doc_scores, **params).numpy()
     got = bundle.pipeline.generate_from_context(docs["context_input_ids"].numpy(),
                                                 docs["context_attention_mask"].numpy(), doc_scores.numpy(), **params)
-    defaults = bundle.pipeline.defaults
-    assert_not_degenerate([expected], set(defaults["eos_token_id"]) | {defaults["pad_token_id"]})
+    eos, pad = special_ids(bundle.pipeline)
+    assert_not_degenerate([expected], eos | {pad})
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, expected)
 

@@ -47,7 +47,7 @@ def test_empty_question_answers_like_the_reference(bundles):
     params = dict(num_beams=2, max_length=10)
     ref = bundle.reference.generate([""], **params)[0]
     got = bundle.pipeline.generate([""], **params)[0]
-    assert got.answers[0].token_ids == [t for t in ref.sequences[0].tolist() if t != bundle.pipeline.defaults["pad_token_id"]]
+    assert got.answers[0].token_ids == [t for t in ref.sequences[0].tolist() if t != bundle.pipeline.manifest.generation_defaults.pad_token_id]
 
 
 def test_overlong_question_is_truncated(bundles, caplog):
@@ -118,13 +118,18 @@ def test_generate_from_context_validates_shapes(bundles):
 
 
 def test_rag_sequence_fast_decoding_is_an_approximation_that_runs(bundles, questions):
+    """Fast decoding ranks the same candidates by other scores: each of its answers is one of the
+    candidates thorough decoding generates (all of them returned, deduplication off so none merge)."""
     pipe = bundles[("sequence", "bart")].pipeline
-    thorough = pipe.generate(questions[:2], num_beams=2, max_length=8, num_return_sequences=2)
-    fast = pipe.generate(questions[:2], num_beams=2, max_length=8, num_return_sequences=2, fast_decoding=True)
-    for t, f in zip(thorough, fast, strict=True):
-        assert len(f.answers) == 2
-        # Every fast answer is one of the candidates thorough decoding ranked (same beams, other scores).
-        assert all(a.token_ids[0] == pipe.defaults["decoder_start_token_id"] for a in f.answers)
+    params = dict(num_beams=2, max_length=8, n_docs=5, do_deduplication=False)
+    everything = pipe.generate(questions[:2], **params, num_return_sequences=10)
+    fast = pipe.generate(questions[:2], **params, num_return_sequences=3, fast_decoding=True)
+    for t, f in zip(everything, fast, strict=True):
+        candidates = {tuple(a.token_ids) for a in t.answers}
+        assert len(t.answers) == 10 and len(candidates) > 1
+        assert len(f.answers) == 3
+        assert all(tuple(a.token_ids) in candidates for a in f.answers), (f.answers, candidates)
+        assert [a.score for a in f.answers] == sorted((a.score for a in f.answers), reverse=True)
         assert [d.id for d in f.docs] == [d.id for d in t.docs]
 
 
@@ -167,8 +172,8 @@ class _CountingHead:
 def test_fused_rag_token_head_matches_the_host_path(bundles, questions, generator, params, fused_steps):
     export = bundles[("token", generator)].export
     fused, host = RagPipeline.load(export), RagPipeline.load(export, fused_head=False)
-    head = fused.generator.head = _CountingHead(fused.generator.head)
-    assert host.generator.head is None
+    head = fused.generator.backend.head = _CountingHead(fused.generator.backend.head)
+    assert host.generator.backend.head is None
     got, want = fused.generate(questions[:3], **params), host.generate(questions[:3], **params)
     assert (head.calls > 0) == fused_steps
     for g, w in zip(got, want, strict=True):

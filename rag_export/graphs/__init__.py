@@ -1,8 +1,14 @@
-"""One module per exported graph: its wrapper ``nn.Module`` and its export spec."""
+"""The exported graphs: one module per graph or generator family, and the registries that list them.
+
+``families``: generator families (BART, T5), each one entry. ``registry``: every graph of an export,
+each with its module factory, sample inputs, IO spec and validator; the exporter loops over it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from rag_runtime.artifact import GraphFile, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -10,11 +16,11 @@ class GraphSpec:
     """What an exported graph looks like from the outside.
 
     Attributes:
-        name: Manifest key of the graph.
+        name: Manifest key of the graph (a ``rag_runtime.constants`` graph name).
         file: File name inside the artifact directory.
         inputs: Input names with their symbolic shapes (a name per axis).
         outputs: Output names with their symbolic shapes.
-        dtypes: ONNX element type name per input and output.
+        dtypes: ONNX element type name per input and output (float32 when absent).
     """
 
     name: str
@@ -29,12 +35,11 @@ class GraphSpec:
             for io, axes in {**self.inputs, **self.outputs}.items()
         }
 
-    def to_manifest(self, sha256: str, dtypes: dict[str, str] | None = None) -> dict:
+    def to_manifest(self, sha256: str, dtypes: dict[str, str] | None = None) -> GraphFile:
         """The manifest entry; ``dtypes`` (read from the file) override the spec's after a conversion."""
         dtypes = {**self.dtypes, **(dtypes or {})}
 
-        def describe(ios: dict[str, list[str]]) -> list[dict]:
-            return [{"name": n, "dtype": dtypes.get(n, "float32"), "shape": s} for n, s in ios.items()]
+        def describe(ios: dict[str, list[str]]) -> list[TensorSpec]:
+            return [TensorSpec(n, dtypes.get(n, "float32"), list(s)) for n, s in ios.items()]
 
-        return {"file": self.file, "sha256": sha256, "inputs": describe(self.inputs),
-                "outputs": describe(self.outputs)}
+        return GraphFile(self.file, sha256, describe(self.inputs), describe(self.outputs))

@@ -54,3 +54,27 @@ def folded_cross_attention(q, k, v, enc_bias, scale: float | None) -> torch.Tens
     scores = _scores(qf, k, scale) + enc_bias
     out = torch.matmul(torch.softmax(scores, dim=-1), v)
     return out.reshape(enc_rows, heads, beams, t, dim).transpose(1, 2).reshape(rows, heads, t, dim)
+
+
+class StepCache:
+    """The self-attention cache of one decoder call: the past rows reordered by ``beam_idx`` (row ``i``
+    continues past row ``beam_idx[i]``), each layer's new keys and values appended to them."""
+
+    def __init__(self, past_keys: torch.Tensor, past_values: torch.Tensor, beam_idx: torch.Tensor, heads: int):
+        self._past_k, self._past_v = past_keys.index_select(1, beam_idx), past_values.index_select(1, beam_idx)
+        self.past_len = self._past_k.shape[3]
+        self._heads = heads
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+
+    def extend(self, layer: int, new_keys: torch.Tensor, new_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s keys and values for attention: its past followed by the new [rows, t, H*d] ones."""
+        k = torch.cat([self._past_k[layer], split_heads(new_keys, self._heads)], dim=2)
+        v = torch.cat([self._past_v[layer], split_heads(new_values, self._heads)], dim=2)
+        self._keys.append(k)
+        self._values.append(v)
+        return k, v
+
+    def present(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's keys and values, stacked: the graph's ``present_keys`` and ``present_values``."""
+        return torch.stack(self._keys), torch.stack(self._values)

@@ -18,7 +18,7 @@ from rag_runtime import constants as C
 from . import GraphSpec
 
 RAG_TOKEN_HEAD_SPEC = GraphSpec(
-    name="rag_token_head",
+    name=C.RAG_TOKEN_HEAD,
     file=C.RAG_TOKEN_HEAD_FILE,
     inputs={
         C.LOGITS: ["rows", "new_len", "vocab"],

@@ -9,7 +9,7 @@ from rag_runtime import constants as C
 from . import GraphSpec
 
 QUESTION_ENCODER_SPEC = GraphSpec(
-    name="question_encoder",
+    name=C.QUESTION_ENCODER,
     file=C.QUESTION_ENCODER_FILE,
     inputs={C.INPUT_IDS: ["batch", "seq_len"], C.ATTENTION_MASK: ["batch", "seq_len"]},
     outputs={C.QUESTION_EMBEDDING: ["batch", "dim"]},
@@ -17,7 +17,7 @@ QUESTION_ENCODER_SPEC = GraphSpec(
 )
 
 CONTEXT_ENCODER_SPEC = GraphSpec(
-    name="context_encoder",
+    name=C.CONTEXT_ENCODER,
     file=C.CONTEXT_ENCODER_FILE,
     inputs={C.INPUT_IDS: ["batch", "seq_len"], C.ATTENTION_MASK: ["batch", "seq_len"]},
     outputs={C.PASSAGE_EMBEDDING: ["batch", "dim"]},

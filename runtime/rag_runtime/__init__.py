@@ -6,10 +6,19 @@
     print(result.answers[0].text, [d.title for d in result.docs])
 """
 
-from .errors import ArtifactError, IndexUnavailableError
+from .artifact import Manifest
+from .errors import (
+    ArtifactError,
+    IndexUnavailableError,
+    InvalidOptionError,
+    MissingDependencyError,
+    RagError,
+    UnknownOptionError,
+)
 from .options import GenerationOptions
 from .pipeline import RagPipeline
 from .results import Answer, Document, RagOutput
+from .timing import StageTimer
 
 __all__ = [
     "Answer",
@@ -17,8 +26,14 @@ __all__ = [
     "Document",
     "GenerationOptions",
     "IndexUnavailableError",
+    "InvalidOptionError",
+    "Manifest",
+    "MissingDependencyError",
+    "RagError",
     "RagOutput",
     "RagPipeline",
+    "StageTimer",
+    "UnknownOptionError",
 ]
 
 __version__ = "0.1.0"

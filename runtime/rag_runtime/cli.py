@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .errors import ArtifactError
+from .commands import run_command, setup_logging
 
 
 def _bool_or_never(value: str):
@@ -43,24 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    setup_logging("rag-generate", progress=False)
+    return run_command("rag-generate", lambda: _generate(args))
+
+
+def _generate(args: dict) -> int:
     export, questions, device = args.pop("export"), args.pop("questions"), args.pop("device")
     as_json, show_docs = args.pop("json"), args.pop("show_docs")
     search = {"nprobe": args.pop("nprobe"), "ef_search": args.pop("ef_search")}
     from .pipeline import RagPipeline
 
-    try:
-        pipe = RagPipeline.load(export, device=device, **search)
-        results = pipe.generate(questions, **args)
-    except (ArtifactError, ValueError, TypeError) as e:
-        print(f"rag-generate: error: {e}", file=sys.stderr)
-        return 2
-    for r in results:
+    pipe = RagPipeline.load(export, device=device, **search)
+    for r in pipe.generate(questions, **args):
         if as_json:
-            print(json.dumps({
-                "question": r.question,
-                "answers": [{"text": a.text, "score": a.score, "token_ids": a.token_ids} for a in r.answers],
-                "docs": [{"id": d.id, "title": d.title, "score": d.score, "text": d.text} for d in r.docs],
-            }, ensure_ascii=False))
+            print(json.dumps(r.to_dict(), ensure_ascii=False))
             continue
         print(f"Q: {r.question}")
         for i, a in enumerate(r.answers, 1):

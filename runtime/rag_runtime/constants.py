@@ -7,6 +7,18 @@ side retypes a name.
 FORMAT_VERSION = 2  # 2: decoder takes beam_idx; rag_token_head graph
 
 MANIFEST_FILE = "manifest.json"
+
+# Graphs, as the manifest's ``graphs`` keys name them.
+QUESTION_ENCODER = "question_encoder"
+GENERATOR_ENCODER = "generator_encoder"
+GENERATOR_DECODER = "generator_decoder"
+RAG_TOKEN_HEAD = "rag_token_head"
+CONTEXT_ENCODER = "context_encoder"
+
+# Tokenizers, as the manifest's ``tokenizers`` keys name them.
+QUESTION_TOKENIZER = "question_encoder"
+GENERATOR_TOKENIZER = "generator"
+CONTEXT_TOKENIZER = "context_encoder"
 QUESTION_ENCODER_FILE = "question_encoder.onnx"
 GENERATOR_ENCODER_FILE = "generator_encoder.onnx"
 GENERATOR_DECODER_FILE = "generator_decoder.onnx"

@@ -1,9 +1,43 @@
-"""Errors raised by the runtime for problems a user can fix."""
+"""Errors for problems a user can fix. Every command maps :class:`RagError` to one line and exit code 2."""
+
+from __future__ import annotations
 
 
-class ArtifactError(Exception):
+class RagError(Exception):
+    """Base of every user-facing error: bad input, a missing or corrupted artifact, a missing extra."""
+
+
+class ArtifactError(RagError):
     """The export directory is missing, corrupted or does not match this runtime."""
 
 
 class IndexUnavailableError(ArtifactError):
     """The export has no knowledge index: retrieval needs one (generate_from_context does not)."""
+
+
+class OutputExistsError(RagError):
+    """An output directory is not empty and replacing it was not asked for."""
+
+
+class InvalidOptionError(RagError, ValueError):
+    """A generation or command option has an invalid value (a ``ValueError``, as callers expect)."""
+
+
+class UnknownOptionError(RagError, TypeError):
+    """An option name no function here accepts (a ``TypeError``, like an unexpected keyword argument)."""
+
+
+class MissingDependencyError(RagError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import ``module`` or raise :class:`MissingDependencyError` naming ``pip install 'rag-export[extra]'``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"{purpose} needs {module.split('.')[0]}, which is not installed: pip install 'rag-export[{extra}]'"
+        ) from e

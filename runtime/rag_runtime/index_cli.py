@@ -1,47 +1,44 @@
-"""``rag-index``: build, import, attach and search knowledge indexes.
+"""``rag-index``: build, attach and search knowledge indexes (no torch needed).
 
-    rag-index build PASSAGES OUT --context-encoder EXPORT_DIR_OR_MODEL [--index-type auto|flat|hnsw|ivfpq|FACTORY]
-    rag-index import DATASET_DIR FAISS_FILE OUT
+    rag-index build PASSAGES OUT --context-encoder EXPORT_DIR [--index-type auto|flat|hnsw|ivfpq|FACTORY]
     rag-index attach EXPORT_DIR INDEX_DIR [--copy]
     rag-index search INDEX_DIR "question" --export EXPORT_DIR [-k 5]
+
+Importing a transformers knowledge base, or exporting a DPR context encoder checkpoint to build with,
+needs the exporter: ``rag-export-index import ...`` and ``rag-export-index context-encoder ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import logging
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from . import constants as C
-from .artifacts import load_manifest, replace_dir
-from .errors import ArtifactError
-from .knowledge import BuildOptions, IndexMeta, PassageError
+from .artifact import Manifest
+from .commands import run_command, setup_logging
+from .errors import ArtifactError, InvalidOptionError
+from .files import dir_size_text, replace_dir
+from .knowledge import BuildOptions, IndexMeta
 
-
-class UsageError(Exception):
-    """A problem with the command line's inputs, reported in one line."""
-
-
-def _say(msg: str) -> None:
-    print(f"rag-index: {msg}", file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rag-index", description="Build, import, attach and search knowledge indexes.")
+    p = argparse.ArgumentParser(prog="rag-index", description="Build, attach and search knowledge indexes.")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="embed a passage file and index it with faiss",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("passages", type=Path, help="JSONL, TSV, CSV or Parquet file with id, title, text")
     b.add_argument("out", type=Path, help="index directory to create")
-    b.add_argument("--context-encoder", required=True,
-                   help="rag-export directory with a context encoder, or a DPR context encoder checkpoint / hub id "
-                        "(exported on the fly; needs the export extra)")
+    b.add_argument("--context-encoder", required=True, type=Path,
+                   help="rag-export directory with a context encoder (rag-export MODEL OUT --context-encoder ..., "
+                        "or rag-export-index context-encoder CHECKPOINT OUT)")
     b.add_argument("--index-type", default="auto",
                    help="auto, flat (exact), hnsw, ivfpq, or any faiss factory string")
     b.add_argument("--batch-size", type=int, default=64)
@@ -53,13 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the context encoder runs")
     b.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     b.add_argument("--force", action="store_true", help="replace a non-empty OUT once the new index is built")
-
-    i = sub.add_parser("import", help="import a transformers RagRetriever knowledge base (datasets + .faiss)")
-    i.add_argument("dataset", type=Path, help="directory written by datasets' save_to_disk (title, text, embeddings)")
-    i.add_argument("faiss_index", type=Path, help="the knowledge base's .faiss file")
-    i.add_argument("out", type=Path, help="index directory to create")
-    i.add_argument("--embeddings-dtype", choices=["float32", "float16"], default="float32")
-    i.add_argument("--force", action="store_true", help="replace a non-empty OUT")
 
     a = sub.add_parser("attach", help="make an export retrieve from an index")
     a.add_argument("export", type=Path, help="directory written by rag-export")
@@ -81,109 +71,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return {"build": _build, "import": _import, "attach": _attach, "search": _search}[args.command](args)
-    except (ArtifactError, PassageError, UsageError, ValueError) as e:
-        print(f"rag-index: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rag-index: interrupted", file=sys.stderr)
-        return 130
+    setup_logging("rag-index")
+    return run_command("rag-index", lambda: {"build": _build, "attach": _attach, "search": _search}[args.command](args))
 
 
 def _build(args) -> int:
-    from .knowledge import build_index
+    from .knowledge import ContextEncoder, build_index
 
+    if args.batch_size < 1:
+        raise InvalidOptionError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not (args.context_encoder / C.MANIFEST_FILE).is_file():
+        raise ArtifactError(f"{args.context_encoder} is not a rag-export directory; export the DPR context encoder "
+                            f"first: rag-export-index context-encoder {args.context_encoder} ENCODER_DIR (needs "
+                            "pip install 'rag-export[export]')")
     options = BuildOptions(index_type=args.index_type, batch_size=args.batch_size,
                            embeddings_dtype=args.embeddings_dtype, store_embeddings=not args.no_embeddings,
                            shards=args.shards, skip_bad_rows=args.skip_bad_rows)
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="rag-index-encoder-") as tmp:
-        encoder = _context_encoder(args.context_encoder, Path(tmp) / "encoder", args.device, args.threads)
-        try:
-            meta = build_index(args.passages, args.out, encoder, options, force=args.force)
-        except KeyboardInterrupt:
-            _say("interrupted: run the same command again to resume")
-            raise
-    _say(f"wrote {args.out}: {meta.count:,} passages, dim {meta.dim}, {meta.factory}, "
-         f"{_size(args.out)} in {time.perf_counter() - t0:.1f}s")
-    return 0
-
-
-def _context_encoder(spec: str, scratch: Path, device: str, threads: int | None):
-    from .knowledge import ContextEncoder
-
-    path = Path(spec)
-    if (path / C.MANIFEST_FILE).is_file():
-        return ContextEncoder(path, device, threads)
+    encoder = ContextEncoder(args.context_encoder, args.device, args.threads)
     try:
-        from rag_export.errors import ExportError
-        from rag_export.export import export_context_encoder
-    except ImportError as e:
-        raise UsageError(f"{spec} is not a rag-export directory; exporting a context encoder checkpoint needs the "
-                         "export extra (pip install 'rag-export[export]'), or pass an export made with "
-                         "`rag-export MODEL OUT --context-encoder ...`") from e
-    try:
-        export_context_encoder(spec, scratch)
-    except ExportError as e:
-        raise UsageError(str(e)) from e
-    encoder = ContextEncoder(scratch, device, threads)
-    encoder.identity["source"] = spec
-    return encoder
-
-
-def _import(args) -> int:
-    try:
-        from rag_export.errors import ExportError
-        from rag_export.knowledge import import_knowledge_base
-    except ImportError as e:
-        raise UsageError("rag-index import reads datasets' format: pip install 'rag-export[export]'") from e
-    out: Path = args.out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise UsageError(f"output {out} exists and is not empty; pass --force to replace it")
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _say(f"importing {args.dataset} ...")
-    try:
-        meta = import_knowledge_base(args.dataset, args.faiss_index, tmp, embeddings_dtype=args.embeddings_dtype)
-    except ExportError as e:
-        raise UsageError(str(e)) from e
-    finally:
-        if not (tmp / C.INDEX_META_FILE).is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
-    replace_dir(tmp, out)
-    _say(f"wrote {out}: {meta.count:,} passages, dim {meta.dim}, {meta.factory}, {_size(out)}")
+        meta = build_index(args.passages, args.out, encoder, options, force=args.force)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: run the same command again to resume")
+        raise
+    logger.info("wrote %s: %s passages, dim %d, %s, %s in %.1fs", args.out, f"{meta.count:,}", meta.dim,
+                meta.factory, dir_size_text(args.out), time.perf_counter() - t0)
     return 0
 
 
 def _attach(args) -> int:
     export, index_dir = args.export, args.index
-    manifest = load_manifest(export, verify=False)
+    manifest = Manifest.load(export, verify=False)
     meta = IndexMeta.load(index_dir)
-    want = manifest.get("question_embedding_dim")
+    want = manifest.question_embedding_dim
     if want is not None and want != meta.dim:
-        raise UsageError(f"index {index_dir} has {meta.dim}-dimensional embeddings but the export's question "
-                         f"encoder produces {want}: build the index with the matching context encoder")
-    graph = manifest["graphs"].get("context_encoder")
-    if meta.encoder and graph and meta.encoder.get("sha256") != graph["sha256"] and not args.force:
-        raise UsageError(f"index {index_dir} was embedded with context encoder {meta.encoder.get('source')}, not "
-                         f"this export's ({manifest.get('context_encoder_source')}): rebuild it with the export's "
-                         "context encoder, or pass --force if they are the same model")
+        raise InvalidOptionError(f"index {index_dir} has {meta.dim}-dimensional embeddings but the export's "
+                                 f"question encoder produces {want}: build the index with the matching context encoder")
+    graph = manifest.graphs.get(C.CONTEXT_ENCODER)
+    if meta.encoder and graph and meta.encoder.get("sha256") != graph.sha256 and not args.force:
+        raise InvalidOptionError(f"index {index_dir} was embedded with context encoder {meta.encoder.get('source')}, "
+                                 f"not this export's ({manifest.context_encoder_source}): rebuild it with the "
+                                 "export's context encoder, or pass --force if they are the same model")
     if meta.encoder is None:
-        _say("the index does not record its context encoder (imported): make sure it pairs with the export's "
-             "question encoder")
-    old = manifest.get("index")
-    if old and not args.force:
-        raise UsageError(f"{export} already has an index ({old['dir']}); pass --force to replace it")
+        logger.warning("the index does not record its context encoder (imported): make sure it pairs with the "
+                       "export's question encoder")
+    if manifest.index and not args.force:
+        raise InvalidOptionError(f"{export} already has an index ({manifest.index.dir}); pass --force to replace it")
     if args.copy:
-        target = export / C.INDEX_DIR
         staging = export / f".{C.INDEX_DIR}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(index_dir, staging)
-        replace_dir(staging, target)
+        replace_dir(staging, export / C.INDEX_DIR)
         directory = C.INDEX_DIR
     else:
         resolved = index_dir.resolve()
@@ -191,31 +129,32 @@ def _attach(args) -> int:
             directory = str(resolved.relative_to(export.resolve()))
         except ValueError:
             directory = str(resolved)
-    manifest["index"] = meta.manifest_entry(directory)
-    tmp = export / (C.MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, export / C.MANIFEST_FILE)
-    _say(f"{export} now retrieves from {directory} ({meta.count:,} passages, {meta.factory})")
+    manifest.index = meta.manifest_entry(directory)
+    manifest.save(export)
+    logger.info("%s now retrieves from %s (%s passages, %s)", export, directory, f"{meta.count:,}", meta.factory)
     return 0
 
 
 def _search(args) -> int:
     from .knowledge import KnowledgeIndex
-    from .pipeline import RagPipeline
+    from .question_encoder import QuestionEncoder
+    from .retrieval import Retriever
 
     if args.k < 1:
-        raise UsageError(f"-k must be >= 1, got {args.k}")
-    pipe = RagPipeline.load(args.export, verify=False)
+        raise InvalidOptionError(f"-k must be >= 1, got {args.k}")
+    manifest = Manifest.load(args.export, verify=False)
     index = KnowledgeIndex(args.index, nprobe=args.nprobe, ef_search=args.ef_search)
-    want = pipe.manifest.get("question_embedding_dim")
+    want = manifest.question_embedding_dim
     if want is not None and want != index.dim:
-        raise UsageError(f"index {args.index} has {index.dim}-dimensional embeddings but the export's question "
-                         f"encoder produces {want}")
-    pipe.index = index
+        raise InvalidOptionError(f"index {args.index} has {index.dim}-dimensional embeddings but the export's "
+                                 f"question encoder produces {want}")
+    encoder, retriever = QuestionEncoder.load(args.export, manifest), Retriever(index, args.export)
     t0 = time.perf_counter()
-    results = pipe.retrieve(args.question, n_docs=args.k)
+    _, emb = encoder.encode(args.question)
+    doc_ids, scores = retriever.search(emb, args.k)
     ms = 1000 * (time.perf_counter() - t0)
-    for question, docs in zip(args.question, results, strict=True):
+    for question, ids, row in zip(args.question, doc_ids, scores, strict=True):
+        docs = retriever.documents(ids, row)
         if args.json:
             print(json.dumps({"question": question, "docs": [
                 {"id": d.id, "pid": d.pid, "score": d.score, "title": d.title, "text": d.text} for d in docs]},
@@ -226,17 +165,9 @@ def _search(args) -> int:
             text = d.text if len(d.text) <= 100 else d.text[:100] + "..."
             print(f"  {rank}. [{d.id}{'' if d.pid is None else ' / ' + d.pid}] {d.title} ({d.score:.3f}): {text}")
     if not args.json:
-        _say(f"{len(args.question)} question(s) in {ms:.1f} ms ({index.meta.factory}, faiss on {index.device})")
+        logger.info("%d question(s) in %.1f ms (%s, faiss on %s)", len(args.question), ms, index.meta.factory,
+                    index.device)
     return 0
-
-
-def _size(path: Path) -> str:
-    total = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if total < 1024 or unit == "GiB":
-            return f"{total:.1f} {unit}" if unit != "B" else f"{total} B"
-        total /= 1024
-    return ""
 
 
 if __name__ == "__main__":

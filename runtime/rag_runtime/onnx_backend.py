@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from . import constants as C
-from .errors import ArtifactError
+from .artifact import DecoderDims
+from .errors import ArtifactError, InvalidOptionError, require
 
 logger = logging.getLogger(__name__)
 
@@ -18,21 +19,17 @@ DEVICES = ("cpu", "cuda")
 
 
 def _ort():
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise ImportError("rag_runtime needs onnxruntime: pip install 'rag-export[cpu]' (or '[gpu]' for CUDA)") from e
-    return onnxruntime
+    return require("onnxruntime", "cpu", "rag_runtime (or the 'gpu' extra, for CUDA)")
 
 
 def providers_for(device: str) -> list[str]:
     if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        raise InvalidOptionError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cpu":
         return ["CPUExecutionProvider"]
     available = _ort().get_available_providers()
     if "CUDAExecutionProvider" not in available:
-        raise ValueError(
+        raise InvalidOptionError(
             "device='cuda' needs onnxruntime-gpu, but this onnxruntime has only "
             f"{', '.join(available)}: pip uninstall onnxruntime && pip install 'rag-export[gpu]'"
         )
@@ -53,7 +50,7 @@ def create_session(path: Path, device: str, threads: int | None = None, spinning
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers_for(device))
     except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-        if isinstance(e, ValueError) and "device=" in str(e):
+        if isinstance(e, InvalidOptionError):
             raise
         raise ArtifactError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from e
 
@@ -101,9 +98,9 @@ class OnnxGenerator:
     RAG-Token path (:meth:`rag_token_candidates`).
     """
 
-    def __init__(self, encoder, decoder, dims: dict, head=None, device: str = "cpu"):
+    def __init__(self, encoder, decoder, dims: DecoderDims, head=None, device: str = "cpu"):
         self.encoder, self.decoder, self.head, self.dims = encoder, decoder, head, dims
-        self.vocab = int(dims["vocab"])
+        self.vocab = int(dims.vocab)
         self._device = _Device(device)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncoderState:
@@ -124,7 +121,7 @@ class OnnxGenerator:
 
     def _empty_past(self, rows: int) -> np.ndarray:
         d = self.dims
-        return np.zeros((d["layers"], rows, d["heads"], 0, d["head_dim"]), dtype=d.get("kv_dtype", "float32"))
+        return np.zeros((d.layers, rows, d.heads, 0, d.head_dim), dtype=d.kv_dtype)
 
     def start(self, state: EncoderState, beams: int) -> DecodeSession:
         return DecodeSession(state, state.mask.shape[0] * beams)

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import InvalidOptionError, UnknownOptionError
+
+if TYPE_CHECKING:
+    from .artifact import GenerationDefaults, RagSettings
 
 
 @dataclass(frozen=True)
@@ -54,18 +60,17 @@ class GenerationOptions:
         names = {f.name for f in dataclasses.fields(cls)}
         for key in kwargs:
             if key not in names:
-                raise TypeError(f"generate() got an unexpected keyword argument {key!r}; "
+                raise UnknownOptionError(f"generate() got an unexpected keyword argument {key!r}; "
                                 f"accepted are: {', '.join(sorted(names))}")
         return cls(**kwargs)
 
-    def resolved(self, defaults: dict, n_docs_default: int, kind: str) -> GenerationOptions:
-        """Fill unset values from the manifest's defaults and validate the result."""
+    def resolved(self, defaults: GenerationDefaults, rag: RagSettings, kind: str) -> GenerationOptions:
+        """Fill unset values from the export's defaults and validate the result."""
         values = dataclasses.asdict(self)
+        fallback = {**dataclasses.asdict(defaults), "do_deduplication": rag.do_deduplication, "n_docs": rag.n_docs}
         for key, value in values.items():
-            if value is None and key in defaults:
-                values[key] = defaults[key]
-        if values["n_docs"] is None:
-            values["n_docs"] = n_docs_default
+            if value is None and key in fallback:
+                values[key] = fallback[key]
         if values["num_return_sequences"] is None:
             values["num_return_sequences"] = 1
         opts = GenerationOptions(**values)
@@ -76,28 +81,28 @@ class GenerationOptions:
         def positive(name: str) -> None:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+                raise InvalidOptionError(f"{name} must be a positive integer, got {v!r}")
 
         for name in ("num_beams", "max_length", "n_docs", "num_return_sequences"):
             positive(name)
         for name in ("min_length", "no_repeat_ngram_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+                raise InvalidOptionError(f"{name} must be a non-negative integer, got {v!r}")
         if self.min_length > self.max_length:
-            raise ValueError(f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})")
+            raise InvalidOptionError(f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})")
         if kind == "token" and self.num_return_sequences > self.num_beams:
-            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
+            raise InvalidOptionError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
                              f"({self.num_beams})")
         if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be a positive float, got {self.repetition_penalty!r}")
+            raise InvalidOptionError(f"repetition_penalty must be a positive float, got {self.repetition_penalty!r}")
         if not isinstance(self.length_penalty, (int, float)):
-            raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
+            raise InvalidOptionError(f"length_penalty must be a number, got {self.length_penalty!r}")
         if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+            raise InvalidOptionError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.bad_words_ids is not None and (
             not isinstance(self.bad_words_ids, list)
             or not all(isinstance(w, list) and w and all(isinstance(t, int) and t >= 0 for t in w)
                        for w in self.bad_words_ids)
         ):
-            raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids, got {self.bad_words_ids!r}")
+            raise InvalidOptionError(f"bad_words_ids must be a list of non-empty lists of token ids, got {self.bad_words_ids!r}")

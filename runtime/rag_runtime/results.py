@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -54,3 +54,7 @@ class RagOutput:
     question: str
     answers: list[Answer] = field(default_factory=list)
     docs: list[Document] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready data: ``{"question", "answers": [...], "docs": [...]}``."""
+        return asdict(self)

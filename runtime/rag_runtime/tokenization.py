@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from .artifact import TokenizerFile
+
 logger = logging.getLogger(__name__)
 
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
@@ -15,15 +17,18 @@ _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
 
 
 class TextTokenizer:
-    """A ``tokenizers.Tokenizer`` plus the transformers-side settings the manifest recorded."""
+    """A ``tokenizers.Tokenizer`` plus the transformers-side settings the manifest recorded.
 
-    def __init__(self, path: str | Path, info: dict):
+    Not thread-safe: encoding switches truncation on and off; give each thread its own pipeline.
+    """
+
+    def __init__(self, path: str | Path, info: TokenizerFile):
         self._tok = Tokenizer.from_file(str(path))
         self._tok.no_padding()
         self._tok.no_truncation()
-        self.pad_token_id = info.get("pad_token_id")
-        self.cleanup = bool(info.get("clean_up_tokenization_spaces"))
-        self.model_max_length = int(info.get("model_max_length") or 512)
+        self.pad_token_id = info.pad_token_id
+        self.cleanup = bool(info.clean_up_tokenization_spaces)
+        self.model_max_length = int(info.model_max_length or 512)
 
     def encode(self, texts: list[str] | list[tuple[str, str]], max_length: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:

@@ -56,7 +56,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _topk(x: np.ndarray, k: int) -> np.ndarray:
+def topk(x: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest per row, best first; exact ties keep the lower index.
 
     torch.topk leaves the order of exact ties unspecified; in beam search they arise only among candidates
@@ -105,7 +105,7 @@ def host_candidates(step: Step, proc: P.ProcessorSettings) -> Candidates:
         batch, k = running_scores.shape
         vocab = log_probs.shape[-1]
         acc = (log_probs.reshape(batch, k, vocab) + running_scores[:, :, None]).reshape(batch, k * vocab)
-        top = _topk(acc, keep)
+        top = topk(acc, keep)
         return np.take_along_axis(acc, top, axis=1), top // vocab, top % vocab
 
     return candidates
@@ -151,7 +151,7 @@ def beam_search(candidates: Candidates, reorder: Reorder, start: np.ndarray, pro
 
         # The best `k` unfinished candidates run on.
         run_scores = top_scores + hits.astype(np.float32) * -_BIG
-        nxt = _topk(run_scores, k)
+        nxt = topk(run_scores, k)
         running = _take(cand, nxt)
         running_scores = _take(run_scores, nxt)
         running_len = _take(cand_len, nxt)
@@ -165,7 +165,7 @@ def beam_search(candidates: Candidates, reorder: Reorder, start: np.ndarray, pro
         normed = normed + (~unsatisfied).astype(np.float32) * -_BIG
         normed = normed + (~just_finished).astype(np.float32) * -_BIG
         merged_scores = np.concatenate([beam_scores, normed.astype(np.float32)], axis=1)
-        best = _topk(merged_scores, k)
+        best = topk(merged_scores, k)
         sequences = _take(np.concatenate([sequences, cand], axis=1), best)
         beam_scores = _take(merged_scores, best)
         lengths = _take(np.concatenate([lengths, cand_len], axis=1), best)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +19,9 @@ from typing import Protocol
 import numpy as np
 
 from .. import constants as C
-from ..artifacts import replace_dir
-from ..errors import ArtifactError
+from ..errors import ArtifactError, InvalidOptionError
+from ..files import atomic_write_text, check_output_dir, replace_dir
+from ..progress import progress_bar, step
 from .sources import PassageReader
 from .store import IndexMeta, PassageWriter
 
@@ -81,37 +80,6 @@ def resolve_factory(index_type: str, count: int, dim: int) -> tuple[str, dict]:
     return index_type, {}
 
 
-class Progress:
-    """``label: done/total (pct)  rate/s  ETA`` on stderr: redrawn in place on a terminal, a line every
-    10 s otherwise."""
-
-    def __init__(self, label: str, total: int, unit: str, done: int = 0, stream=None):
-        self.label, self.total, self.unit, self.stream = label, total, unit, stream or sys.stderr
-        self.start_done, self.done = done, done
-        self.t0 = self.last = time.perf_counter()
-        self.tty = self.stream.isatty()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= (0.2 if self.tty else 10.0) or self.done >= self.total:
-            self.last = now
-            self._print(end="\r" if self.tty and self.done < self.total else "\n")
-
-    def _print(self, end: str) -> None:
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        rate = (self.done - self.start_done) / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        eta_s = "?" if math.isinf(eta) else f"{int(eta // 60)}m{int(eta % 60):02d}s"
-        pct = 100.0 * self.done / max(self.total, 1)
-        print(f"{self.label}: {self.done:,}/{self.total:,} {self.unit} ({pct:.1f}%)  {rate:,.0f} {self.unit}/s  "
-              f"ETA {eta_s}", end=end, file=self.stream, flush=True)
-
-
-def _say(msg: str) -> None:
-    print(f"rag-index: {msg}", file=sys.stderr, flush=True)
-
-
 def build_index(passages: str | Path, out: str | Path, encoder: Encoder, options: BuildOptions | None = None,
                 *, force: bool = False, stop_after: int | None = None) -> IndexMeta | None:
     """Build ``out`` from a passage file (see :mod:`rag_runtime.knowledge.sources` for formats).
@@ -133,22 +101,21 @@ def build_index(passages: str | Path, out: str | Path, encoder: Encoder, options
     """
     options = options or BuildOptions()
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ArtifactError(f"output {out} exists and is not empty; pass --force to replace it")
+    check_output_dir(out, force)
     if options.embeddings_dtype not in ("float32", "float16"):
-        raise ValueError(f"embeddings dtype must be float32 or float16, got {options.embeddings_dtype!r}")
+        raise InvalidOptionError(f"embeddings dtype must be float32 or float16, got {options.embeddings_dtype!r}")
     if options.shards < 1:
-        raise ValueError(f"shards must be >= 1, got {options.shards}")
+        raise InvalidOptionError(f"shards must be >= 1, got {options.shards}")
     source = Path(passages)
     reader = PassageReader(source, skip_bad_rows=options.skip_bad_rows)
-    _say(f"checking {source} ...")
-    count = reader.scan()
+    with step(logger, f"checking {source}"):
+        count = reader.scan()
     if reader.skipped:
-        _say(f"skipping {reader.skipped} malformed row(s), e.g. {reader.problems[0]}")
+        logger.warning(f"skipping {reader.skipped} malformed row(s), e.g. {reader.problems[0]}")
     if count == 0:
         raise ArtifactError(f"{source} has no usable passages")
     if options.shards > count:
-        raise ValueError(f"{options.shards} shards for {count} passages: use at most {count}")
+        raise InvalidOptionError(f"{options.shards} shards for {count} passages: use at most {count}")
     factory, params = resolve_factory(options.index_type, count, encoder.dim)
 
     partial = out.parent / f".{out.name}.partial"
@@ -161,15 +128,13 @@ def build_index(passages: str | Path, out: str | Path, encoder: Encoder, options
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     else:
-        _say(f"resuming an interrupted build after {done:,} of {count:,} passages")
+        logger.info(f"resuming an interrupted build after {done:,} of {count:,} passages")
 
     _embed(reader, partial, encoder, options, state, stop_after)
     if state["done"] < count:
         return None  # stopped early on request: resumable
-    _say(f"building faiss index {factory} over {count:,} vectors ...")
-    t0 = time.perf_counter()
-    shard_files, phi = _build_faiss(partial, factory, params, count, encoder.dim, options.shards)
-    _say(f"faiss index built in {time.perf_counter() - t0:.1f}s")
+    with step(logger, f"building faiss index {factory} over {count:,} vectors"):
+        shard_files, phi = _build_faiss(partial, factory, params, count, encoder.dim, options.shards)
     if not options.store_embeddings:
         (partial / C.INDEX_EMBEDDINGS_FILE).unlink()
     meta = IndexMeta(count=count, dim=encoder.dim, factory=factory, shards=shard_files,
@@ -191,15 +156,13 @@ def _resume_point(partial: Path, state: dict) -> int:
         return 0
     same = all(old.get(k) == state[k] for k in ("source", "size", "mtime", "count", "encoder", "options"))
     if not same:
-        _say(f"discarding an incomplete build in {partial}: it was for other input or options")
+        logger.warning(f"discarding an incomplete build in {partial}: it was for other input or options")
         return 0
     return int(old.get("done", 0))
 
 
 def _save_state(partial: Path, state: dict) -> None:
-    tmp = partial / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, partial / STATE_FILE)
+    atomic_write_text(partial / STATE_FILE, json.dumps(state, indent=2))
 
 
 def _batches(reader: PassageReader, skip: int, size: int):
@@ -221,9 +184,15 @@ def _embed(reader: PassageReader, partial: Path, encoder: Encoder, options: Buil
     if done >= count:
         return
     writer = PassageWriter(partial, count, encoder.dim, options.embeddings_dtype, resume_from=done)
-    progress = Progress("embedding", count, "passages", done=done)
+    with progress_bar(logger, "embedding", count, "passages", initial=done) as progress:
+        _embed_batches(reader, partial, encoder, options, state, stop_after, writer, progress)
+
+
+def _embed_batches(reader: PassageReader, partial: Path, encoder: Encoder, options: BuildOptions, state: dict,
+                   stop_after: int | None, writer: PassageWriter, progress) -> None:
+    count = state["count"]
     last_flush = time.perf_counter()
-    for batch in _batches(reader, done, options.batch_size):
+    for batch in _batches(reader, state["done"], options.batch_size):
         titles, texts = [p.title for p in batch], [p.text for p in batch]
         vectors = encoder.embed(titles, texts)
         if vectors.shape != (len(batch), encoder.dim):
@@ -261,7 +230,7 @@ def _build_faiss(partial: Path, factory: str, params: dict, count: int, dim: int
         template = (faiss.index_factory(dim + 1, factory, faiss.METRIC_L2) if phi is not None
                     else faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
     except RuntimeError as e:
-        raise ValueError(f"faiss cannot build index type {factory!r}: {str(e).splitlines()[0]}; use flat, hnsw, "
+        raise InvalidOptionError(f"faiss cannot build index type {factory!r}: {str(e).splitlines()[0]}; use flat, hnsw, "
                          "ivfpq or a valid faiss factory string") from e
     if "efConstruction" in params:
         faiss.downcast_index(template).hnsw.efConstruction = params["efConstruction"]
@@ -269,23 +238,28 @@ def _build_faiss(partial: Path, factory: str, params: dict, count: int, dim: int
         rng = np.random.default_rng(0)
         n_train = min(count, max(100_000, 64 * getattr(faiss.try_extract_index_ivf(template), "nlist", 1)))
         picks = np.sort(rng.choice(count, size=n_train, replace=False))
-        _say(f"training on {n_train:,} vectors ...")
-        template.train(vectors(embeddings[picks]))
+        with step(logger, f"training on {n_train:,} vectors"):
+            template.train(vectors(embeddings[picks]))
     bounds = np.linspace(0, count, n_shards + 1).astype(np.int64)
     names = [C.INDEX_FAISS_FILE] if n_shards == 1 else [f"index.{i}.faiss" for i in range(n_shards)]
-    progress = Progress("indexing", count, "vectors")
-    for name, lo, hi in zip(names, bounds[:-1], bounds[1:], strict=True):
-        index = faiss.clone_index(template)
-        for start in range(lo, hi, 65536):
-            stop = min(hi, start + 65536)
-            index.add(vectors(embeddings[start:stop]))
-            progress.update(stop - start)
-        if "efSearch" in params:
-            faiss.downcast_index(index).hnsw.efSearch = params["efSearch"]
-        if "nprobe" in params:
-            faiss.extract_index_ivf(index).nprobe = params["nprobe"]
-        faiss.write_index(index, str(partial / name))
+    with progress_bar(logger, "indexing", count, "vectors") as progress:
+        for name, lo, hi in zip(names, bounds[:-1], bounds[1:], strict=True):
+            _add_shard(faiss, template, embeddings, vectors, lo, hi, params, partial / name, progress)
     return names, phi
+
+
+def _add_shard(faiss, template, embeddings, vectors, lo: int, hi: int, params: dict, path: Path, progress) -> None:
+    """Add rows ``lo:hi`` to a copy of the trained template and write it to ``path``."""
+    index = faiss.clone_index(template)
+    for start in range(lo, hi, 65536):
+        stop = min(hi, start + 65536)
+        index.add(vectors(embeddings[start:stop]))
+        progress.update(stop - start)
+    if "efSearch" in params:
+        faiss.downcast_index(index).hnsw.efSearch = params["efSearch"]
+    if "nprobe" in params:
+        faiss.extract_index_ivf(index).nprobe = params["nprobe"]
+    faiss.write_index(index, str(path))
 
 
 def _max_norm(embeddings: np.ndarray) -> float:

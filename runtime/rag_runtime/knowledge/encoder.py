@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import constants as C
-from ..artifacts import load_manifest, sha256_file
+from ..artifact import Manifest
 from ..errors import ArtifactError
+from ..files import sha256_file
 from ..onnx_backend import create_session
 from ..tokenization import TextTokenizer
 
@@ -24,20 +25,20 @@ class ContextEncoder:
 
     def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int | None = None):
         root = Path(export_dir)
-        manifest = load_manifest(root, verify=False)
-        graph = manifest["graphs"].get("context_encoder")
-        tok = manifest["tokenizers"].get("context_encoder")
+        manifest = Manifest.load(root, verify=False)
+        graph = manifest.graphs.get(C.CONTEXT_ENCODER)
+        tok = manifest.tokenizers.get(C.CONTEXT_TOKENIZER)
         if graph is None or tok is None:
             raise ArtifactError(f"{root} has no context encoder: export with `rag-export MODEL OUT "
                                 "--context-encoder DPR_CONTEXT_ENCODER`")
-        path = root / graph["file"]
+        path = root / graph.file
         digest = sha256_file(path)
-        if digest != graph["sha256"]:
+        if digest != graph.sha256:
             raise ArtifactError(f"{path} does not match its sha256 in the manifest: corrupted or replaced")
         self.session = create_session(path, device, threads)
-        self.tokenizer = TextTokenizer(root / tok["file"], tok)
+        self.tokenizer = TextTokenizer(root / tok.file, tok)
         self.dim = int(self.session.get_outputs()[0].shape[-1])
-        self.identity = {"source": manifest.get("context_encoder_source") or manifest.get("source"),
+        self.identity = {"source": manifest.context_encoder_source or manifest.source,
                          "sha256": digest, "dim": self.dim}
 
     def embed(self, titles: list[str], texts: list[str]) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import constants as C
-from ..errors import ArtifactError
+from ..errors import ArtifactError, InvalidOptionError
 from .store import IndexMeta, PassageStore
 
 logger = logging.getLogger(__name__)
@@ -96,18 +96,18 @@ class KnowledgeIndex:
             if nprobe is not None:
                 ivf = faiss.try_extract_index_ivf(s) if hasattr(faiss, "try_extract_index_ivf") else None
                 if ivf is None:
-                    raise ValueError(f"nprobe applies to IVF indexes; this one is {self.meta.factory}")
+                    raise InvalidOptionError(f"nprobe applies to IVF indexes; this one is {self.meta.factory}")
                 ivf.nprobe = int(nprobe)
             if ef_search is not None:
                 hnsw = getattr(faiss.downcast_index(s), "hnsw", None)
                 if hnsw is None:
-                    raise ValueError(f"ef_search applies to HNSW indexes; this one is {self.meta.factory}")
+                    raise InvalidOptionError(f"ef_search applies to HNSW indexes; this one is {self.meta.factory}")
                 hnsw.efSearch = int(ef_search)
 
     def search(self, queries: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``n_docs`` doc ids [batch, n_docs] and their scores [batch, n_docs] (float32)."""
         if n_docs > self.count:
-            raise ValueError(f"n_docs={n_docs} exceeds the {self.count} passages in the index")
+            raise InvalidOptionError(f"n_docs={n_docs} exceeds the {self.count} passages in the index")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         fetch = min(self.count, n_docs * self.rerank)
         if self._phi is None:

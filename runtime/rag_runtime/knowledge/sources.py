@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import RagError
+
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".csv": "csv", ".parquet": "parquet"}
 
 
-class PassageError(ValueError):
+class PassageError(RagError, ValueError):
     """A passage file or one of its rows cannot be used."""
 
 

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import constants as C
+from ..artifact import IndexRef
 from ..errors import ArtifactError
+from ..files import atomic_write_text
 
 META_VERSION = 1
 
@@ -65,13 +67,12 @@ class IndexMeta:
         if self.embeddings:
             names.append(C.INDEX_EMBEDDINGS_FILE)
         self.files = {n: (root / n).stat().st_size for n in names}
-        _write_atomic(root / C.INDEX_META_FILE, json.dumps(asdict(self), indent=2) + "\n")
+        atomic_write_text(root / C.INDEX_META_FILE, json.dumps(asdict(self), indent=2) + "\n")
 
-    def manifest_entry(self, directory: str) -> dict:
+    def manifest_entry(self, directory: str) -> IndexRef:
         """The export manifest's ``index`` entry for this index at ``directory`` (relative to the export
         directory, or absolute)."""
-        return {"dir": directory, "count": self.count, "dim": self.dim, "factory": self.factory,
-                "encoder": self.encoder}
+        return IndexRef(dir=directory, count=self.count, dim=self.dim, factory=self.factory, encoder=self.encoder)
 
     @classmethod
     def load(cls, root: Path) -> IndexMeta:
@@ -97,12 +98,6 @@ class IndexMeta:
                 raise ArtifactError(f"knowledge index file {f} has {f.stat().st_size} bytes, {size} expected: "
                                     "truncated or replaced; rebuild the index or restore the file")
         return meta
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class PassageWriter:

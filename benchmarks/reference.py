@@ -1,4 +1,5 @@
-"""The PyTorch reference: transformers' RAG ``generate`` with its RagRetriever, for parity and benchmarks."""
+"""The PyTorch reference: transformers' RAG ``generate`` with its RagRetriever, for parity tests, the demo and
+benchmarks (support code, not part of the product)."""
 
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ class Reference:
     def __init__(self, checkpoint: str):
         from transformers import RagRetriever, RagSequenceForGeneration, RagTokenForGeneration, RagTokenizer
 
-        from .checkpoint import _read_config, detect_kind
+        from rag_export.checkpoint import detect_kind, read_config
 
-        self.kind = detect_kind(_read_config(checkpoint), checkpoint)
+        self.kind = detect_kind(read_config(checkpoint), checkpoint)
         cls = RagTokenForGeneration if self.kind == "token" else RagSequenceForGeneration
         self.retriever = RagRetriever.from_pretrained(checkpoint)
         # from_pretrained(..., retriever=) fails in transformers 5.23 when a generation_config.json exists

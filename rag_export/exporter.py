@@ -1,0 +1,131 @@
+"""The export loop over the graph registry (needs torch; :func:`rag_export.export` is the entry point)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from rag_runtime import constants as C
+from rag_runtime.artifact import Manifest, TokenizerFile
+from rag_runtime.progress import step
+
+from . import convert
+from .checkpoint import Checkpoint
+from .errors import ExportError
+from .export import trace
+from .graphs.families import family_for
+from .graphs.registry import GRAPHS, ContextEncoderSource, ExportContext, GraphEntry
+from .manifest import build_manifest, tokenizer_entry
+
+logger = logging.getLogger(__name__)
+
+
+def export_checkpoint(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, atol: float,
+                      context_encoder: str | None, include_index: bool, reduced: str | None,
+                      optimize: bool) -> Manifest:
+    """Write every graph, tokenizer and the index of ``ckpt`` into ``out``; return its manifest."""
+    family = family_for(ckpt.model.generator.config)
+    ctx = ExportContext(out=out, checkpoint=ckpt, family=family, dims=family.dims(ckpt.model.generator.config),
+                        context_encoder=_load_context_encoder(context_encoder) if context_encoder else None)
+    logger.info("generator family %s: %d decoder layers, %d heads, vocabulary %d", family.name, ctx.dims.layers,
+                ctx.dims.heads, ctx.dims.vocab)
+    entries = [e for e in GRAPHS if e.applies(ctx)]
+    validation = _build_graphs(ctx, entries, opset, validate, atol, optimize, reduced)
+    with step(logger, "writing tokenizers"):
+        tokenizers = _write_tokenizers(ctx)
+    index = _export_index(ckpt, out) if include_index else None
+    return build_manifest(ctx, [e.spec for e in entries], tokenizers, opset=opset, precision=reduced or "fp32",
+                          optimized=optimize, validation=validation, index=index)
+
+
+def export_context_encoder_only(source: str, out: Path, *, opset: int, validate: bool, atol: float) -> Manifest:
+    ctx = ExportContext(out=out, context_encoder=_load_context_encoder(source))
+    entries = [e for e in GRAPHS if e.applies(ctx)]
+    validation = _build_graphs(ctx, entries, opset, validate, atol, optimize=False, reduced=None)
+    return build_manifest(ctx, [e.spec for e in entries], _write_tokenizers(ctx), opset=opset, validation=validation)
+
+
+def _build_graphs(ctx: ExportContext, entries: list[GraphEntry], opset: int, validate: bool, atol: float,
+                  optimize: bool, reduced: str | None) -> dict:
+    """Trace, fuse, validate, reduce precision; returns the validation figures."""
+    torch.manual_seed(0)
+    modules = {}
+    for entry in entries:
+        with step(logger, f"exporting {entry.spec.name}"):
+            module = modules[entry.spec.name] = entry.module(ctx).eval()
+            trace(module, entry.spec, entry.sample_inputs(ctx, module), ctx.out, opset)
+    if optimize:
+        with step(logger, "optimizing graphs (onnxruntime transformer fusions)"):
+            for entry in entries:
+                settings = entry.optimizer(ctx)
+                if settings:
+                    logger.info("  %s fused: %s", entry.spec.name, convert.optimize(ctx.path(entry.spec), *settings)
+                                or "nothing")
+    validation: dict = {}
+    if validate:
+        with step(logger, "validating graphs against PyTorch"):
+            validation = _validate(ctx, entries, modules, atol)
+    if reduced:
+        conversion, message = convert.REDUCED_PRECISIONS[reduced]
+        with step(logger, message):
+            for entry in entries:
+                if not entry.keep_fp32:
+                    conversion(ctx.path(entry.spec))
+            reduced_entries = [e for e in entries if not e.keep_fp32]
+            validation[f"{reduced}_drift"] = _validate(ctx, reduced_entries, modules, float("inf"), f"{reduced} drift")
+    return validation
+
+
+def _validate(ctx: ExportContext, entries: list[GraphEntry], modules: dict, atol: float,
+              what: str = "max|diff|") -> dict[str, dict[str, float]]:
+    figures = {}
+    for entry in entries:
+        name = entry.spec.name
+        figures[name] = entry.validate(ctx, modules[name], atol)
+        logger.info("  %s: %s", name, ", ".join(f"{k} {what} {v:.2e}" for k, v in figures[name].items()))
+    return figures
+
+
+def _load_context_encoder(source: str) -> ContextEncoderSource:
+    from transformers import AutoTokenizer, DPRContextEncoder
+
+    try:
+        model = DPRContextEncoder.from_pretrained(source).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot load DPR context encoder {source}: {str(e).splitlines()[0]}") from e
+    return ContextEncoderSource(source, model, tokenizer)
+
+
+def _write_tokenizers(ctx: ExportContext) -> dict[str, TokenizerFile]:
+    (ctx.out / "tokenizers").mkdir(exist_ok=True)
+    entries = {}
+
+    def write(name: str, tok, file: str, config) -> None:
+        tok.backend_tokenizer.save(str(ctx.out / file))
+        entries[name] = tokenizer_entry(tok, file, getattr(config, "max_position_embeddings", None))
+
+    ckpt = ctx.checkpoint
+    if ckpt is not None:
+        write(C.QUESTION_TOKENIZER, ckpt.question_tokenizer, C.QUESTION_TOKENIZER_FILE,
+              ckpt.model.question_encoder.config)
+        # The generator tokenizer's limit is its own model_max_length, not the position table's.
+        write(C.GENERATOR_TOKENIZER, ckpt.generator_tokenizer, C.GENERATOR_TOKENIZER_FILE, None)
+    if ctx.context_encoder is not None:
+        write(C.CONTEXT_TOKENIZER, ctx.context_encoder.tokenizer, C.CONTEXT_TOKENIZER_FILE,
+              ctx.context_encoder.model.config)
+    return entries
+
+
+def _export_index(ckpt: Checkpoint, out: Path):
+    cfg = ckpt.model.config
+    if cfg.index_name != "custom":
+        logger.warning("knowledge index %r (%s) is not exported: it is the hub's multi-GB wiki_dpr index. Build or "
+                       "import one and attach it later: rag-index attach OUT INDEX_DIR", cfg.dataset, cfg.index_name)
+        return None
+    from .knowledge import export_custom_index
+
+    with step(logger, "exporting knowledge index"):
+        return export_custom_index(cfg, ckpt.source, out / C.INDEX_DIR).manifest_entry(C.INDEX_DIR)

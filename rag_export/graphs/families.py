@@ -1,0 +1,61 @@
+"""Generator families: everything the exporter needs to know about one kind of seq2seq generator.
+
+Each family is one entry (its own module holds the decoder graph and the entry); :data:`FAMILIES` lists
+them. A generator whose ``model_type`` no family covers is refused with "supported are: ...".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from rag_runtime.artifact import DecoderDims
+
+from ..errors import ExportError
+
+
+@dataclass(frozen=True)
+class GeneratorFamily:
+    """One generator family.
+
+    Attributes:
+        name: Recorded as the manifest's ``generator_type``.
+        model_types: The ``config.model_type`` values it covers.
+        dims: Decoder dimensions from the generator's config.
+        cross_projections: Each decoder layer's cross-attention (key, value) projections, computed once
+            per query by the encoder graph.
+        decoder_graph: The one-step decoder graph (self-attention cache in and out, folded cross-attention).
+        optimizer_type: onnxruntime transformer optimizer's model type for the encoder and decoder graphs.
+        check_config: Raises :class:`ExportError` for config variants the graphs do not reproduce.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    dims: Callable[[object], DecoderDims]
+    cross_projections: Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]]
+    decoder_graph: Callable[[nn.Module], nn.Module]
+    optimizer_type: str
+    check_config: Callable[[object], None] = lambda config: None
+
+
+def _families() -> list[GeneratorFamily]:
+    from .bart import BART
+    from .t5 import T5
+
+    return [BART, T5]
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(t for f in _families() for t in f.model_types)
+
+
+def family_for(config) -> GeneratorFamily:
+    """The family of a generator config (the model's ``.config``), its variant checked."""
+    model_type = getattr(config, "model_type", None)
+    for family in _families():
+        if model_type in family.model_types:
+            family.check_config(config)
+            return family
+    raise ExportError(f"unsupported generator {model_type!r}; supported are: {', '.join(supported_model_types())}")

@@ -1,0 +1,166 @@
+"""Every graph an export can hold, as one entry each: module factory, sample inputs for tracing, IO spec,
+validator and optimizer settings. The exporter loops over :data:`GRAPHS`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rag_runtime import constants as C
+from rag_runtime.artifact import DecoderDims
+
+from .. import validate as V
+from . import GraphSpec
+from .families import GeneratorFamily
+from .generator import DECODER_SPEC, ENCODER_SPEC, GeneratorEncoderGraph
+from .heads import RAG_TOKEN_HEAD_SPEC, RagTokenHead
+from .heads import export_args as head_export_args
+from .question_encoder import CONTEXT_ENCODER_SPEC, QUESTION_ENCODER_SPEC, DprEncoderGraph
+
+
+@dataclass
+class ContextEncoderSource:
+    """A DPR context encoder loaded for export (it comes from its own checkpoint, not the RAG one)."""
+
+    source: str
+    model: Any
+    tokenizer: Any
+
+
+@dataclass
+class ExportContext:
+    """What the graph entries build from.
+
+    Attributes:
+        out: The directory the graphs are written into.
+        checkpoint: The loaded RAG checkpoint (None when exporting a context encoder alone).
+        family: The generator's family.
+        dims: The generator decoder's dimensions.
+        context_encoder: The DPR context encoder to export too, if any.
+    """
+
+    out: Path
+    checkpoint: Any = None
+    family: GeneratorFamily | None = None
+    dims: DecoderDims | None = None
+    context_encoder: ContextEncoderSource | None = None
+
+    @property
+    def generator(self) -> nn.Module:
+        return self.checkpoint.model.generator
+
+    @property
+    def question_encoder(self) -> nn.Module:
+        return self.checkpoint.model.question_encoder
+
+    def path(self, spec: GraphSpec) -> Path:
+        return self.out / spec.file
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One exported graph.
+
+    Attributes:
+        spec: Names, file and symbolic shapes of its IO.
+        applies: Whether this export has the graph.
+        module: The ``nn.Module`` traced into it.
+        sample_inputs: Tracing inputs for the module.
+        validate: Differences against PyTorch per output; raises ValidationError beyond ``atol``.
+        optimizer: onnxruntime optimizer settings (model type, heads, hidden size), None to leave it as is.
+        keep_fp32: Not converted by ``--precision fp16`` / ``--quantize int8`` (it has no weights, or its
+            arithmetic must stay in fp32).
+    """
+
+    spec: GraphSpec
+    applies: Callable[[ExportContext], bool]
+    module: Callable[[ExportContext], nn.Module]
+    sample_inputs: Callable[[ExportContext, nn.Module], tuple]
+    validate: Callable[[ExportContext, nn.Module, float], dict[str, float]]
+    optimizer: Callable[[ExportContext], tuple[str, int, int] | None] = lambda ctx: None
+    keep_fp32: bool = False
+
+
+def sample_ids(vocab: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and a mask with one right-padded row, for tracing."""
+    ids = torch.randint(5, max(6, min(vocab, 30000)), (rows, length))
+    mask = torch.ones_like(ids)
+    mask[-1, length // 2 :] = 0
+    return ids, mask
+
+
+def _bert_optimizer(config) -> tuple[str, int, int]:
+    return "bert", config.num_attention_heads, config.hidden_size
+
+
+def _generator_optimizer(ctx: ExportContext) -> tuple[str, int, int]:
+    return ctx.family.optimizer_type, ctx.dims.heads, ctx.dims.d_model
+
+
+def _decoder_samples(ctx: ExportContext, module: nn.Module) -> tuple:
+    d = ctx.dims
+    ids, mask = sample_ids(d.vocab, 2, 9)
+    with torch.no_grad():
+        _, keys, values = GeneratorEncoderGraph(ctx.generator, ctx.family).eval()(ids, mask)
+    past = torch.zeros(d.layers, 4, d.heads, 3, d.head_dim)
+    return torch.randint(5, 50, (4, 1)), past, past, torch.tensor([1, 0, 3, 2]), keys, values, mask
+
+
+QUESTION_ENCODER = GraphEntry(
+    spec=QUESTION_ENCODER_SPEC,
+    applies=lambda ctx: ctx.checkpoint is not None,
+    module=lambda ctx: DprEncoderGraph(ctx.question_encoder),
+    sample_inputs=lambda ctx, m: sample_ids(ctx.question_encoder.config.vocab_size, 2, 8),
+    validate=lambda ctx, m, atol: V.validate_encoder(
+        C.QUESTION_ENCODER, ctx.path(QUESTION_ENCODER_SPEC), m, [C.QUESTION_EMBEDDING],
+        ctx.question_encoder.config.vocab_size, atol),
+    optimizer=lambda ctx: _bert_optimizer(ctx.question_encoder.config),
+)
+
+GENERATOR_ENCODER = GraphEntry(
+    spec=ENCODER_SPEC,
+    applies=lambda ctx: ctx.checkpoint is not None,
+    module=lambda ctx: GeneratorEncoderGraph(ctx.generator, ctx.family),
+    sample_inputs=lambda ctx, m: sample_ids(ctx.dims.vocab, 2, 9),
+    validate=lambda ctx, m, atol: V.validate_generator_encoder(ctx.path(ENCODER_SPEC), ctx.generator, ctx.dims, atol),
+    optimizer=_generator_optimizer,
+)
+
+GENERATOR_DECODER = GraphEntry(
+    spec=DECODER_SPEC,
+    applies=lambda ctx: ctx.checkpoint is not None,
+    module=lambda ctx: ctx.family.decoder_graph(ctx.generator),
+    sample_inputs=_decoder_samples,
+    validate=lambda ctx, m, atol: V.validate_generator_decoder(
+        ctx.path(ENCODER_SPEC), ctx.path(DECODER_SPEC), ctx.generator, ctx.dims,
+        ctx.checkpoint.generation_defaults["decoder_start_token_id"], atol),
+    optimizer=_generator_optimizer,
+)
+
+RAG_TOKEN_HEAD = GraphEntry(
+    spec=RAG_TOKEN_HEAD_SPEC,
+    applies=lambda ctx: ctx.checkpoint is not None and ctx.checkpoint.kind == "token",
+    module=lambda ctx: RagTokenHead(),
+    sample_inputs=lambda ctx, m: head_export_args(ctx.dims.vocab),
+    validate=lambda ctx, m, atol: V.validate_rag_token_head(ctx.path(RAG_TOKEN_HEAD_SPEC), ctx.dims.vocab, atol),
+    keep_fp32=True,  # the marginalization: exponentials and sums over the vocabulary
+)
+
+CONTEXT_ENCODER = GraphEntry(
+    spec=CONTEXT_ENCODER_SPEC,
+    applies=lambda ctx: ctx.context_encoder is not None,
+    module=lambda ctx: DprEncoderGraph(ctx.context_encoder.model),
+    sample_inputs=lambda ctx, m: sample_ids(ctx.context_encoder.model.config.vocab_size, 2, 8),
+    validate=lambda ctx, m, atol: V.validate_encoder(
+        C.CONTEXT_ENCODER, ctx.path(CONTEXT_ENCODER_SPEC), m, [C.PASSAGE_EMBEDDING],
+        ctx.context_encoder.model.config.vocab_size, atol),
+)
+
+# Export order: the decoder's validation runs the exported encoder.
+GRAPHS: tuple[GraphEntry, ...] = (QUESTION_ENCODER, GENERATOR_ENCODER, GENERATOR_DECODER, RAG_TOKEN_HEAD,
+                                  CONTEXT_ENCODER)

@@ -1,0 +1,58 @@
+"""File chores shared by every writer (exporter, index builder, manifest edits): nothing is ever left
+half-written, and a non-empty output is replaced only when asked."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from .errors import OutputExistsError
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_output_dir(path: Path, force: bool) -> None:
+    """Refuse to write into ``path`` when it is a file, or a non-empty directory without ``force``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"output {path} exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not force:
+        raise OutputExistsError(f"output directory {path} is not empty; pass --force to replace it")
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move a finished directory into place, replacing ``target`` only once ``new`` is complete."""
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        target.rename(backup)
+        new.rename(target)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        new.rename(target)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def dir_size_text(path: Path) -> str:
+    """Total size of the files under ``path``, for humans (``12.3 MiB``)."""
+    total = float(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()))
+    for unit in ("B", "KiB", "MiB"):
+        if total < 1024:
+            return f"{total:.0f} B" if unit == "B" else f"{total:.1f} {unit}"
+        total /= 1024
+    return f"{total:.1f} GiB"
