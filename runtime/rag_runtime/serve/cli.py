@@ -1,0 +1,134 @@
+"""``rag-serve OUT/``: answer questions over HTTP (uvicorn, or Ray Serve with ``--ray``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from ..errors import ArtifactError
+from .limits import ServeLimits
+
+logger = logging.getLogger("rag_runtime.serve")
+_LIMIT_OPTIONS = ("max_batch_size", "max_wait_ms", "max_queue", "timeout_s", "drain_timeout_s", "max_questions",
+                  "max_question_chars", "max_num_beams", "max_n_docs", "max_length", "max_body_bytes")
+
+
+class UsageError(Exception):
+    """A mistake the user can fix; printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``rag-serve``."""
+    p = argparse.ArgumentParser(prog="rag-serve", description="Serve a rag-export directory over HTTP.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("export", help="directory written by rag-export")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--api-key-env", metavar="VAR", default=None,
+                   help="environment variable holding the key that clients send as 'Authorization: Bearer KEY'")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    defaults = ServeLimits()
+    g = p.add_argument_group("limits (reported by GET /info)")
+    for name in _LIMIT_OPTIONS:
+        value = getattr(defaults, name)
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(value), default=value)
+    r = p.add_argument_group("Ray Serve (pip install 'rag-export[serve-ray]')")
+    r.add_argument("--ray", action="store_true", help="serve through Ray Serve on a local Ray instance")
+    r.add_argument("--replicas", type=int, default=1, help="replicas, one pipeline each")
+    r.add_argument("--max-replicas", type=int, default=None, help="autoscale between --replicas and this")
+    r.add_argument("--target-ongoing-requests", type=float, default=4.0, help="autoscaling target per replica")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    return p
+
+
+def _api_key(var: str | None) -> str | None:
+    if var is None:
+        return None
+    key = os.environ.get(var)
+    if not key:
+        raise UsageError(f"--api-key-env {var}: the environment variable is not set or empty")
+    return key
+
+
+def _import_serving() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"rag-serve needs {e.name}: pip install 'rag-export[serve]'") from None
+
+
+def _serve_uvicorn(args: argparse.Namespace, limits: ServeLimits, api_key: str | None) -> int:
+    import uvicorn
+
+    from ..pipeline import RagPipeline
+    from .app import create_app
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: readiness 503, queued and in-flight requests answered, then uvicorn stops."""
+
+        async def serve(self, sockets=None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            # Not recording the signal: uvicorn would re-raise it after shutdown and the exit status would
+            # say "killed" instead of 0.
+            if self.should_exit or getattr(self, "_draining", False):
+                self.should_exit = self.force_exit = True
+                return
+            self._draining = True
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
+
+        async def _drain(self) -> None:
+            await app.state.service.drain(limits.drain_timeout_s)
+            self.should_exit = True
+
+    def load() -> RagPipeline:
+        return RagPipeline.load(args.export, device=args.device, threads=args.threads)
+
+    def stop() -> None:
+        server.should_exit = True
+
+    app = create_app(load, limits, api_key=api_key, on_fatal=stop)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=limits.drain_timeout_s, lifespan="on")
+    server = DrainingServer(config)
+    server.run()
+    error = app.state.service.fatal_error
+    if isinstance(error, (ArtifactError, ValueError, TypeError, OSError)):
+        raise UsageError(str(error).splitlines()[0])
+    return 1 if error is not None or not server.started else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``rag-serve``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        limits = ServeLimits(**{name: getattr(args, name) for name in _LIMIT_OPTIONS})
+        api_key = _api_key(args.api_key_env)
+        _import_serving()
+        if not os.path.isdir(args.export):
+            raise UsageError(f"{args.export} is not a directory (expected the output of rag-export)")
+        if args.ray:
+            from .ray_app import run_local
+
+            return run_local(args, limits, api_key)
+        return _serve_uvicorn(args, limits, api_key)
+    except (UsageError, ValueError) as e:
+        print(f"rag-serve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rag-serve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
