@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from benchmarks.serve_process import ServerProcess, metric
 from rag_runtime.serve.batcher import Batcher, BatchFailed
 from rag_runtime.serve.limits import ServeLimits
 from rag_runtime.serve.metrics import ServeMetrics
-from serve_helpers import ServerProcess, metric
 
 # Long enough (about a second on one core) for requests to pile up behind it.
 SLOW = {"num_beams": 8, "min_length": 120, "max_length": 120, "n_docs": 10}

@@ -1,4 +1,4 @@
-"""A real ``rag-serve`` process on a free 127.0.0.1 port, for the service tests and the load benchmark."""
+"""A real ``rag-serve`` process on a free 127.0.0.1 port: the service tests and the load benchmark use it."""
 
 from __future__ import annotations
 
