@@ -75,7 +75,7 @@ def test_info(server, bundle):
     info = httpx.get(server.url + "/info").json()
     assert (info["kind"], info["generator"], info["device"]) == ("token", "bart", "cpu")
     size = info["index"]["size"]
-    assert isinstance(size, int) and max(d.id for d in bundle.pipeline.retrieve(["a"], n_docs=5)) < size
+    assert isinstance(size, int) and max(d.id for d in bundle.pipeline.retrieve(["a"], n_docs=5)[0]) < size
     assert info["limits"]["max_batch_size"] == 8 and info["limits"]["max_wait_ms"] == 50
 
 

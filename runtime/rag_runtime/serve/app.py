@@ -64,92 +64,94 @@ def create_app(pipeline: PipelineSource, limits: ServeLimits | None = None, *, a
     return app
 
 
+Handler = Callable[[Request, dict], Awaitable[Response]]
+
+
+def _route(app: FastAPI, service: Service, method: str, path: str, key: bytes | None, fn: Handler) -> None:
+    """Register ``fn`` with auth, error mapping, metrics and the access log around it."""
+
+    async def endpoint(request: Request) -> Response:
+        stats = {"id": request.headers.get("x-request-id") or uuid.uuid4().hex[:16], "questions": 0}
+        started = time.monotonic()
+        try:
+            if key is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(), key):
+                raise ApiError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer ...)",
+                               headers={"WWW-Authenticate": "Bearer"})
+            response = await fn(request, stats)
+        except ApiError as e:
+            response = JSONResponse(e.body(), e.status, headers=e.headers)
+            stats["error"] = e.type
+        except Exception as e:  # the client sees one line; the log keeps the reason
+            logger.error("%s failed: %s: %s", path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            logger.debug("handler failure", exc_info=True)
+            response = JSONResponse({"error": "internal error", "type": "internal"}, 500)
+        _account(service, path, response, stats, time.monotonic() - started)
+        return response
+
+    app.add_api_route(path, endpoint, methods=[method])
+
+
 def _add_routes(app: FastAPI, service: Service, limits: ServeLimits, api_key: str | None) -> None:
-    expected = f"Bearer {api_key}".encode() if api_key else None
+    key = f"Bearer {api_key}".encode() if api_key else None
 
-    def handled(endpoint: str, needs_key: bool = True):
-        def wrap(fn: Callable[[Request, dict], Awaitable[Response]]):
-            async def endpoint_fn(request: Request) -> Response:
-                stats = {"id": request.headers.get("x-request-id") or uuid.uuid4().hex[:16], "questions": 0}
-                started = time.monotonic()
-                try:
-                    if needs_key and expected is not None and not hmac.compare_digest(
-                            request.headers.get("authorization", "").encode(), expected):
-                        raise ApiError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer ...)",
-                                       headers={"WWW-Authenticate": "Bearer"})
-                    response = await fn(request, stats)
-                except ApiError as e:
-                    response = JSONResponse(e.body(), e.status, headers=e.headers)
-                    stats["error"] = e.type
-                except Exception as e:  # the client sees one line; the log keeps the reason
-                    logger.error("%s failed: %s: %s", endpoint, type(e).__name__, str(e).splitlines()[0] if str(e)
-                                 else "")
-                    logger.debug("handler failure", exc_info=True)
-                    response = JSONResponse({"error": "internal error", "type": "internal"}, 500)
-                _account(service, endpoint, request, response, stats, time.monotonic() - started)
-                return response
-
-            app.add_api_route(endpoint, endpoint_fn, methods=[fn.__name__.split("_")[0].upper()])
-            return fn
-
-        return wrap
-
-    @handled("/health/live", needs_key=False)
-    async def get_live(request: Request, stats: dict) -> Response:
+    async def live(request: Request, stats: dict) -> Response:
         return JSONResponse({"status": "live"})
 
-    @handled("/health/ready", needs_key=False)
-    async def get_ready(request: Request, stats: dict) -> Response:
+    async def ready(request: Request, stats: dict) -> Response:
         return JSONResponse({"status": service.readiness()}, 200 if service.ready else 503)
 
-    @handled("/info")
-    async def get_info(request: Request, stats: dict) -> Response:
+    async def info(request: Request, stats: dict) -> Response:
         if service.pipeline is None:
             raise ApiError(503, "not_ready", "the export is still loading", headers={"Retry-After": "1"})
-        info = _model_info(service.pipeline)
-        info["versions"] = {"export": info["versions"], "rag_runtime": __version__,
-                            "python": platform.python_version()}
-        return JSONResponse({**info, "limits": limits.as_dict()})
+        out = _model_info(service.pipeline)
+        out["versions"] = {"export": out["versions"], "rag_runtime": __version__, "python": platform.python_version()}
+        return JSONResponse({**out, "limits": limits.as_dict()})
 
-    @handled("/metrics")
-    async def get_metrics(request: Request, stats: dict) -> Response:
+    async def metrics(request: Request, stats: dict) -> Response:
         text, content_type = service.metrics.render()
         return Response(text, media_type=content_type)
 
-    async def answer(request: Request, stats: dict, operation: str) -> Response:
-        service.admit()
-        service.active += 1
-        try:
-            body = await read_json(request, limits)
-            questions = parse_questions(body, limits)
-            stats["questions"] = len(questions)
-            timeout_s = parse_timeout(body, limits)
-            params = parse_generation(body, limits)
-            if operation == "retrieve":
-                params = _retrieve_params(params, service)
-            else:
-                service.validate_generation(params)
-            job = service.submit(operation, questions, params, timeout_s)
-            results = await service.wait(job, request)
-            stats.update(queue_s=job.queue_s, inference_s=job.inference_s, batch=job.batch_size)
-        finally:
-            service.active -= 1
-        to_json = _generated if operation == "generate" else _retrieved
-        headers = {"x-queue-time": f"{job.queue_s * 1000:.1f}", "x-inference-time": f"{job.inference_s * 1000:.1f}",
-                   "x-batch-size": str(job.batch_size), "x-request-id": stats["id"]}
-        return JSONResponse({"results": [to_json(q, r) for q, r in zip(questions, results, strict=True)]},
-                            headers=headers)
+    async def generate(request: Request, stats: dict) -> Response:
+        return await _answer(service, limits, request, stats, "generate")
 
-    @handled("/v1/generate")
-    async def post_generate(request: Request, stats: dict) -> Response:
-        return await answer(request, stats, "generate")
+    async def retrieve(request: Request, stats: dict) -> Response:
+        return await _answer(service, limits, request, stats, "retrieve")
 
-    @handled("/v1/retrieve")
-    async def post_retrieve(request: Request, stats: dict) -> Response:
-        return await answer(request, stats, "retrieve")
+    _route(app, service, "GET", "/health/live", None, live)
+    _route(app, service, "GET", "/health/ready", None, ready)
+    _route(app, service, "GET", "/info", key, info)
+    _route(app, service, "GET", "/metrics", key, metrics)
+    _route(app, service, "POST", "/v1/generate", key, generate)
+    _route(app, service, "POST", "/v1/retrieve", key, retrieve)
 
 
-def _retrieve_params(params: dict, service: Service) -> dict:
+async def _answer(service: Service, limits: ServeLimits, request: Request, stats: dict, operation: str) -> Response:
+    """Parse, validate, queue and wait; one result per question, in order."""
+    service.admit()
+    service.active += 1
+    try:
+        body = await read_json(request, limits)
+        questions = parse_questions(body, limits)
+        stats["questions"] = len(questions)
+        timeout_s = parse_timeout(body, limits)
+        params = parse_generation(body, limits)
+        if operation == "retrieve":
+            params = _retrieve_params(params)
+        else:
+            service.validate_generation(params)
+        job = service.submit(operation, questions, params, timeout_s)
+        results = await service.wait(job, request)
+        stats.update(queue_s=job.queue_s, inference_s=job.inference_s, batch=job.batch_size)
+    finally:
+        service.active -= 1
+    to_json = _generated if operation == "generate" else _retrieved
+    headers = {"x-queue-time": f"{job.queue_s * 1000:.1f}", "x-inference-time": f"{job.inference_s * 1000:.1f}",
+               "x-batch-size": str(job.batch_size), "x-request-id": stats["id"]}
+    return JSONResponse({"results": [to_json(q, r) for q, r in zip(questions, results, strict=True)]},
+                        headers=headers)
+
+
+def _retrieve_params(params: dict) -> dict:
     extra = sorted(set(params) - {"n_docs"})
     if extra:
         raise ApiError(422, "unknown_field", f"unknown field {extra[0]!r} for /v1/retrieve; accepted are: question, "
@@ -160,8 +162,7 @@ def _retrieve_params(params: dict, service: Service) -> dict:
     return {"n_docs": n_docs}
 
 
-def _account(service: Service, endpoint: str, request: Request, response: Response, stats: dict,
-             elapsed: float) -> None:
+def _account(service: Service, endpoint: str, response: Response, stats: dict, elapsed: float) -> None:
     """Metrics and one structured access log line per request."""
     service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
     service.metrics.request_seconds.labels(endpoint).observe(elapsed)

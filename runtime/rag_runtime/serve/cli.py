@@ -12,8 +12,21 @@ from ..errors import ArtifactError
 from .limits import ServeLimits
 
 logger = logging.getLogger("rag_runtime.serve")
-_LIMIT_OPTIONS = ("max_batch_size", "max_wait_ms", "max_queue", "timeout_s", "drain_timeout_s", "max_questions",
-                  "max_question_chars", "max_num_beams", "max_n_docs", "max_length", "max_body_bytes")
+_LIMIT_OPTIONS = {
+    "max_batch_size": "questions per generate call (1 = batching off)",
+    "max_wait_ms": "how long the oldest queued question waits for others with equal parameters",
+    "max_queue": "questions allowed to wait; beyond it 429 at once",
+    "timeout_s": "default deadline; still queued past it: 504, never computed",
+    "drain_timeout_s": "on SIGTERM/SIGINT, how long queued and in-flight requests may take",
+    "max_questions": "questions per request (413 above)",
+    "max_question_chars": "characters per question",
+    "max_num_beams": "cap on num_beams and num_return_sequences",
+    "max_n_docs": "cap on n_docs",
+    "max_length": "cap on max_length and min_length",
+    "max_body_bytes": "request body size (413 above)",
+    "max_timeout_s": "cap on a request's own timeout_s",
+    "failures_until_unready": "failed batches in a row after which /health/ready says 503",
+}
 
 
 class UsageError(Exception):
@@ -34,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     defaults = ServeLimits()
     g = p.add_argument_group("limits (reported by GET /info)")
-    for name in _LIMIT_OPTIONS:
+    for name, help in _LIMIT_OPTIONS.items():
         value = getattr(defaults, name)
-        g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(value), default=value)
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(value), default=value, help=help)
     r = p.add_argument_group("Ray Serve (pip install 'rag-export[serve-ray]')")
     r.add_argument("--ray", action="store_true", help="serve through Ray Serve on a local Ray instance")
     r.add_argument("--replicas", type=int, default=1, help="replicas, one pipeline each")
