@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -152,6 +154,22 @@ def test_deadline_gives_504_without_compute(bundle):
         text = httpx.get(s.url + "/metrics").text
         assert metric(text, "rag_cancelled_total", reason="deadline") == 1
         assert metric(text, "rag_batch_size_count", operation="generate") == 1  # the late one never ran
+
+
+def test_client_gone_while_queued_is_dropped_and_counted(bundle):
+    with ServerProcess(bundle.export, "--max-batch-size", "1", "--max-wait-ms", "0") as s, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_post, s.url, {"question": "slow", **SLOW})
+        time.sleep(0.3)
+        body = json.dumps({"question": "gone"}).encode()
+        with socket.create_connection(("127.0.0.1", s.port)) as sock:
+            sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.2)  # queued behind the slow request when the client leaves
+        assert slow.result().status_code == 200
+        time.sleep(0.2)
+        text = httpx.get(s.url + "/metrics").text
+        assert metric(text, "rag_cancelled_total", reason="disconnect") == 1
+        assert metric(text, "rag_batch_size_count", operation="generate") == 1  # never computed
 
 
 def test_auth(bundle):
