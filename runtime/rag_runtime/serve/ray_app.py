@@ -99,9 +99,10 @@ def run_local(args: argparse.Namespace, limits: ServeLimits, api_key: str | None
     """``rag-serve OUT --ray``: start a local Ray, serve until SIGTERM/SIGINT, then shut everything down."""
     ray, serve = _import_ray()
     stop = threading.Event()
+    ray.init(include_dashboard=False)
+    # After ray.init, which installs its own fatal-signal handlers (SIGTERM would abort the driver).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    ray.init(include_dashboard=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         application = build_application(args.export, limits, api_key=api_key, device=args.device,
