@@ -85,6 +85,9 @@ class GenerationOptions:
 
         for name in ("num_beams", "max_length", "n_docs", "num_return_sequences"):
             positive(name)
+        for name in ("fast_decoding", "reference_compatible", "do_deduplication"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidOptionError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("min_length", "no_repeat_ngram_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:

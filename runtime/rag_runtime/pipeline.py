@@ -17,6 +17,7 @@ from .errors import ArtifactError, InvalidOptionError
 from .generation import AnswerGenerator
 from .knowledge import KnowledgeIndex
 from .onnx_backend import OnnxGenerator, create_session, providers_for
+from .options import GenerationOptions
 from .question_encoder import QuestionEncoder
 from .results import Document, RagOutput
 from .retrieval import Retriever
@@ -99,6 +100,16 @@ class RagPipeline:
     def index(self) -> KnowledgeIndex | None:
         """The knowledge index questions are answered from (None: only generate_from_context works)."""
         return self.retriever.index
+
+    def options(self, **kwargs) -> GenerationOptions:
+        """The options :meth:`generate` would use for these keywords: the export's defaults filled in,
+        every value validated (so a service can reject a request before queueing it).
+
+        Raises:
+            UnknownOptionError: Unknown keyword (a ``TypeError``).
+            InvalidOptionError: Invalid value (a ``ValueError``).
+        """
+        return self.generator.options(kwargs)
 
     def retrieve(self, questions: list[str], n_docs: int | None = None) -> list[list[Document]]:
         """The passages each question retrieves, in retrieval order, with their scores."""

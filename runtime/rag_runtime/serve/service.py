@@ -1,0 +1,152 @@
+"""The state behind one app: its pipeline, batcher, readiness, draining and request waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from starlette.requests import Request
+
+from ..errors import InvalidOptionError, UnknownOptionError
+from ..pipeline import RagPipeline
+from .batcher import Batcher, BatchFailed, DeadlineExceeded, Job, QueueFull
+from .limits import ServeLimits
+from .metrics import ServeMetrics
+from .validation import ApiError
+
+logger = logging.getLogger("rag_runtime.serve")
+
+WARMUP_QUESTION = "who wrote the warm-up question?"
+PipelineSource = RagPipeline | Callable[[], RagPipeline]
+
+
+class Service:
+    """One pipeline behind HTTP: loading, warm-up, admission, waiting and draining.
+
+    Args:
+        pipeline: A loaded pipeline, or a callable that loads one (run on the worker thread at startup,
+            so liveness answers while a large export loads).
+        limits: The server's bounds.
+        on_fatal: Called when loading or warm-up fails (the CLI stops the server and exits 2).
+    """
+
+    def __init__(self, pipeline: PipelineSource, limits: ServeLimits, on_fatal: Callable[[], None] | None = None):
+        self.pipeline = pipeline if isinstance(pipeline, RagPipeline) else None
+        self._loader = None if isinstance(pipeline, RagPipeline) else pipeline
+        self.limits, self.on_fatal = limits, on_fatal
+        self.metrics = ServeMetrics()
+        self.batcher = Batcher(self._run_batch, limits, self.metrics)
+        self.state = "loading" if self.pipeline is None else "warming_up"
+        self.fatal_error: BaseException | None = None
+        self.draining = False
+        self.active = 0  # admitted /v1 requests not yet answered
+
+    @property
+    def ready(self) -> bool:
+        """Loaded, warmed up, not draining, and not failing batch after batch."""
+        return (self.state == "ready" and not self.draining
+                and self.batcher.consecutive_failures < self.limits.failures_until_unready)
+
+    def readiness(self) -> str:
+        """``ready``, or why not: ``loading``, ``warming_up``, ``draining``, ``failing`` or ``failed``."""
+        if self.draining:
+            return "draining"
+        if self.state == "ready" and not self.ready:
+            return "failing"
+        return self.state
+
+    async def prepare(self) -> None:
+        """Load (if given a loader) and answer one warm-up question on the worker thread."""
+        loop = asyncio.get_running_loop()
+        try:
+            if self.pipeline is None:
+                started = time.monotonic()
+                self.pipeline = await loop.run_in_executor(self.batcher.executor, self._loader)
+                logger.info("loaded the export in %.1f s", time.monotonic() - started)
+                self.state = "warming_up"
+            started = time.monotonic()
+            await loop.run_in_executor(self.batcher.executor, self.pipeline.generate, [WARMUP_QUESTION])
+            logger.info("warm-up answer in %.0f ms; ready", (time.monotonic() - started) * 1000)
+            self.state = "ready"
+        except Exception as e:
+            self.state, self.fatal_error = "failed", e
+            logger.error("startup failed: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            if self.on_fatal is not None:
+                self.on_fatal()
+
+    def admit(self) -> None:
+        """Refuse /v1 work while draining or before warm-up (503)."""
+        if self.draining:
+            raise ApiError(503, "draining", "the server is shutting down", headers={"Connection": "close"})
+        if self.state != "ready":
+            raise ApiError(503, "not_ready", f"the server is not ready ({self.state})", headers={"Retry-After": "1"})
+
+    def validate_generation(self, params: dict) -> None:
+        """The runtime's own validation of the request's generation options."""
+        try:
+            self.pipeline.options(**params)
+        except (UnknownOptionError, InvalidOptionError) as e:
+            message = str(e).splitlines()[0]
+            field = next((name for name in params if message.startswith(name) or f"({name}" in message
+                          or f" {name} " in message), None)
+            raise ApiError(422, "invalid_value", message, field) from None
+
+    def submit(self, operation: str, questions: list[str], params: dict, timeout_s: float) -> Job:
+        """Queue the questions or refuse with 429 at once."""
+        try:
+            return self.batcher.submit(operation, questions, params, timeout_s)
+        except QueueFull as e:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ApiError(429, "queue_full", f"overloaded: {e}", headers={"Retry-After": "1"}) from None
+
+    async def wait(self, job: Job, request: Request) -> list:
+        """The job's results; 504 if it is still queued at its deadline; dropped if the client leaves."""
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            timeout = max(0.0, job.deadline - time.monotonic())
+            done, _ = await asyncio.wait({job.future, watcher}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if job.future not in done:
+                reason = "disconnect" if watcher in done else "deadline"
+                if self.batcher.abandon(job, reason):
+                    raise ApiError(504, "deadline_exceeded", f"not started within its deadline ({reason})")
+                # Already computing: cancelling would waste the work, so the answer is sent anyway.
+            return await job.future
+        except DeadlineExceeded:
+            raise ApiError(504, "deadline_exceeded", "not started within its deadline") from None
+        except BatchFailed as e:
+            raise ApiError(500, "inference_failed", str(e)) from None
+        except asyncio.CancelledError:
+            self.batcher.abandon(job, "disconnect")
+            raise
+        finally:
+            watcher.cancel()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new work and wait until queued and in-flight requests are answered; False on timeout."""
+        self.draining = True
+        logger.info("draining: %d requests in progress, %d questions queued", self.active,
+                    self.batcher.queued_questions)
+        deadline = time.monotonic() + timeout_s
+        while (self.active or not self.batcher.idle) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        drained = not self.active and self.batcher.idle
+        if not drained:
+            logger.error("drain timeout: %d requests still in progress", self.active)
+        return drained
+
+    def _run_batch(self, operation: str, questions: list[str], params: dict) -> list:
+        if operation == "retrieve":
+            return self.pipeline.retrieve(questions, **params)
+        return self.pipeline.generate(questions, **params)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (uvicorn sends ``http.disconnect`` once the body is read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0.05)  # a server that repeats body messages must not make this spin

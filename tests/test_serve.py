@@ -1,0 +1,313 @@
+"""rag-serve: a real server process on a free 127.0.0.1 port, real HTTP, answers compared with RagPipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from benchmarks.serve_process import ServerProcess, metric
+from rag_runtime.serve.batcher import Batcher, BatchFailed
+from rag_runtime.serve.limits import ServeLimits
+from rag_runtime.serve.metrics import ServeMetrics
+
+# Long enough (about a second on one core) for requests to pile up behind it.
+SLOW = {"num_beams": 8, "min_length": 120, "max_length": 120, "n_docs": 10}
+
+
+@pytest.fixture(scope="module")
+def bundle(bundles):
+    return bundles[("token", "bart")]
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    with ServerProcess(bundle.export, "--max-wait-ms", "50") as s:
+        yield s
+
+
+def _post(url: str, body, path: str = "/v1/generate", **kwargs) -> httpx.Response:
+    if isinstance(body, (bytes, str)):
+        return httpx.post(url + path, content=body, timeout=60, **kwargs)
+    return httpx.post(url + path, json=body, timeout=60, **kwargs)
+
+
+def _expected(pipe, question: str, params: dict) -> dict:
+    r = pipe.generate([question], **params)[0]
+    return {"question": question,
+            "answers": [{"text": a.text, "token_ids": a.token_ids, "score": a.score} for a in r.answers],
+            "docs": [{"id": d.id, "title": d.title, "text": d.text, "score": d.score} for d in r.docs]}
+
+
+def test_ready_only_after_warmup(server):
+    seen = [s for s in server.startup if s is not None]
+    assert seen[0] == 503 and seen[-1] == 200, server.startup
+    assert httpx.get(server.url + "/health/live").json() == {"status": "live"}
+
+
+def test_concurrent_answers_equal_generate_alone(server, bundle, questions):
+    grid = [{}, {"num_beams": 2}, {"num_beams": 3, "num_return_sequences": 2, "n_docs": 3}]
+    jobs = [(q, grid[i % len(grid)]) for i, q in enumerate(questions[:12])]
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda job: _post(server.url, {"question": job[0], **job[1]}), jobs))
+    for (q, params), resp in zip(jobs, responses, strict=True):
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"results": [_expected(bundle.pipeline, q, params)]}
+    assert max(int(r.headers["x-batch-size"]) for r in responses) > 1  # concurrent requests were batched
+
+    many = _post(server.url, {"questions": questions[:3], "num_beams": 2})
+    assert many.json()["results"] == [_expected(bundle.pipeline, q, {"num_beams": 2}) for q in questions[:3]]
+
+
+def test_retrieve(server, bundle, questions):
+    resp = _post(server.url, {"questions": questions[:2], "n_docs": 3}, "/v1/retrieve")
+    assert resp.status_code == 200
+    expected = bundle.pipeline.retrieve(questions[:2], n_docs=3)
+    for result, q, docs in zip(resp.json()["results"], questions[:2], expected, strict=True):
+        assert result["question"] == q
+        assert [(d["id"], d["title"], d["score"]) for d in result["docs"]] == [(d.id, d.title, d.score) for d in docs]
+
+
+def test_info(server, bundle):
+    info = httpx.get(server.url + "/info").json()
+    assert (info["kind"], info["generator"], info["device"]) == ("token", "bart", "cpu")
+    size = info["index"]["size"]
+    assert isinstance(size, int) and max(d.id for d in bundle.pipeline.retrieve(["a"], n_docs=5)[0]) < size
+    assert info["limits"]["max_batch_size"] == 8 and info["limits"]["max_wait_ms"] == 50
+
+
+BAD = [
+    (b"", 422, "empty_body", None),
+    (b"{not json", 422, "invalid_json", None),
+    (b"[1, 2]", 422, "invalid_json", None),
+    ({"num_beams": 2}, 422, "missing_field", "questions"),
+    ({"questions": []}, 422, "invalid_type", "questions"),
+    ({"questions": ["a", 3]}, 422, "invalid_type", "questions[1]"),
+    ({"question": "a", "num_beamz": 2}, 422, "unknown_field", "num_beamz"),
+    ({"question": "a", "num_beams": "4"}, 422, "invalid_type", "num_beams"),
+    ({"question": "a", "num_beams": 0}, 422, "invalid_value", "num_beams"),
+    ({"question": "a", "min_length": 9, "max_length": 5}, 422, "invalid_value", "min_length"),
+    ({"question": "a", "early_stopping": "sometimes"}, 422, "invalid_value", "early_stopping"),
+    ({"question": "a", "num_beams": 64}, 422, "limit_exceeded", "num_beams"),
+    ({"question": "a", "timeout_s": -1}, 422, "invalid_value", "timeout_s"),
+    ({"question": "x" * 2001}, 422, "limit_exceeded", "question"),
+    ({"questions": ["a"] * 33}, 413, "too_many_questions", "questions"),
+    (b'{"question": "' + b"x" * (1 << 20) + b'"}', 413, "body_too_large", None),
+]
+
+
+@pytest.mark.parametrize("body,status,kind,field", BAD, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input(server, body, status, kind, field):
+    resp = _post(server.url, body)
+    assert resp.status_code == status, resp.text
+    assert "\n" not in resp.text and "Traceback" not in resp.text
+    data = resp.json()
+    assert data["type"] == kind and data["error"]
+    assert data.get("field") == field
+    if field:
+        assert field.split("[")[0] in data["error"]
+    assert "Traceback" not in server.log()
+
+
+def test_metrics_reflect_traffic(server, questions):
+    before = httpx.get(server.url + "/metrics").text
+    for q in questions[:3]:
+        assert _post(server.url, {"question": q}).status_code == 200
+    assert _post(server.url, {"question": "a", "bogus": 1}).status_code == 422
+    after = httpx.get(server.url + "/metrics").text
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("rag_requests_total", endpoint="/v1/generate", status="200") == 3
+    assert delta("rag_requests_total", endpoint="/v1/generate", status="422") == 1
+    assert delta("rag_queue_duration_seconds_count") == 3
+    assert delta("rag_batch_size_sum", operation="generate") == 3
+    assert 1 <= delta("rag_inference_duration_seconds_count", operation="generate") <= 3
+    assert metric(after, "rag_queue_depth") == 0
+
+
+def test_overload_rejects_with_429_and_loses_nothing(bundle):
+    with ServerProcess(bundle.export, "--max-queue", "2", "--max-batch-size", "1", "--max-wait-ms", "0") as s:
+        with ThreadPoolExecutor(10) as pool:
+            responses = list(pool.map(lambda i: _post(s.url, {"question": f"question {i}", **SLOW}), range(10)))
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 429} and codes.count(200) >= 1 and codes.count(429) >= 1, codes
+        assert all(r.headers.get("retry-after") for r in responses if r.status_code == 429)
+        text = httpx.get(s.url + "/metrics").text
+        assert metric(text, "rag_rejected_total", reason="queue_full") == codes.count(429)
+        assert metric(text, "rag_batch_size_count", operation="generate") == codes.count(200)
+
+
+def test_deadline_gives_504_without_compute(bundle):
+    with ServerProcess(bundle.export, "--max-batch-size", "1", "--max-wait-ms", "0") as s, ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(_post, s.url, {"question": "slow", **SLOW})
+        time.sleep(0.3)  # the slow request is computing; the next one can only wait
+        late = _post(s.url, {"question": "late", "timeout_s": 0.2})
+        assert late.status_code == 504 and late.json()["type"] == "deadline_exceeded"
+        assert slow.result().status_code == 200
+        text = httpx.get(s.url + "/metrics").text
+        assert metric(text, "rag_cancelled_total", reason="deadline") == 1
+        assert metric(text, "rag_batch_size_count", operation="generate") == 1  # the late one never ran
+
+
+def test_client_gone_while_queued_is_dropped_and_counted(bundle):
+    with ServerProcess(bundle.export, "--max-batch-size", "1", "--max-wait-ms", "0") as s, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_post, s.url, {"question": "slow", **SLOW})
+        time.sleep(0.3)
+        body = json.dumps({"question": "gone"}).encode()
+        with socket.create_connection(("127.0.0.1", s.port)) as sock:
+            sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.2)  # queued behind the slow request when the client leaves
+        assert slow.result().status_code == 200
+        time.sleep(0.2)
+        text = httpx.get(s.url + "/metrics").text
+        assert metric(text, "rag_cancelled_total", reason="disconnect") == 1
+        assert metric(text, "rag_batch_size_count", operation="generate") == 1  # never computed
+
+
+def test_auth(bundle):
+    with ServerProcess(bundle.export, "--api-key-env", "RAG_TEST_KEY", env={"RAG_TEST_KEY": "s3cret"}) as s:
+        assert httpx.get(s.url + "/health/live").status_code == 200
+        assert httpx.get(s.url + "/health/ready").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            assert httpx.get(s.url + "/info", headers=headers).status_code == 401
+            assert httpx.get(s.url + "/metrics", headers=headers).status_code == 401
+            assert _post(s.url, {"question": "a"}, headers=headers).status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(s.url + "/info", headers=ok).status_code == 200
+        assert _post(s.url, {"question": "a"}, headers=ok).status_code == 200
+
+
+def test_sigterm_drains_and_exits_0(bundle):
+    s = ServerProcess(bundle.export, "--max-batch-size", "1", "--max-wait-ms", "0")
+    with s, ThreadPoolExecutor(3) as pool:
+        pending = [pool.submit(_post, s.url, {"question": f"q{i}", **SLOW}) for i in range(3)]
+        deadline = time.monotonic() + 10
+        while metric(httpx.get(s.url + "/metrics").text, "rag_queue_depth") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        s.terminate()
+        time.sleep(0.1)
+        assert httpx.get(s.url + "/health/ready").status_code == 503
+        refused = _post(s.url, {"question": "too late"})
+        assert refused.status_code == 503 and refused.json()["type"] == "draining"
+        assert [f.result().status_code for f in pending] == [200, 200, 200]
+        assert s.proc.wait(30) == 0
+
+
+# -- the batcher alone, with a fake slow pipeline -----------------------------------------------------------
+
+
+def _run_batcher(limits: ServeLimits, requests: list[tuple[float, list[str], dict]], fail: bool = False):
+    calls = []
+
+    def run_batch(op, questions, params):
+        calls.append((list(questions), params))
+        time.sleep(0.05)
+        if fail:
+            raise RuntimeError("boom")
+        return [f"{q}|{params}" for q in questions]
+
+    async def main():
+        batcher = Batcher(run_batch, limits, ServeMetrics())
+        batcher.start()
+        jobs = []
+        for delay, questions, params in requests:
+            await asyncio.sleep(delay)
+            jobs.append(batcher.submit("generate", questions, params, 10))
+        results = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+        await batcher.stop()
+        batcher.jobs = jobs
+        return results, batcher
+
+    results, batcher = asyncio.run(main())
+    return calls, results, batcher
+
+
+def test_batcher_groups_equal_parameters():
+    reqs = [(0, ["a"], {"num_beams": 2}), (0, ["b"], {"num_beams": 4}), (0, ["c"], {"num_beams": 2}),
+            (0, ["d", "e"], {"num_beams": 4})]
+    calls, results, _ = _run_batcher(ServeLimits(max_batch_size=8, max_wait_ms=30), reqs)
+    assert calls == [(["a", "c"], {"num_beams": 2}), (["b", "d", "e"], {"num_beams": 4})]
+    assert results == [["a|{'num_beams': 2}"], ["b|{'num_beams': 4}"], ["c|{'num_beams': 2}"],
+                       ["d|{'num_beams': 4}", "e|{'num_beams': 4}"]]
+
+
+def test_batcher_max_batch_size_and_max_wait():
+    calls, _, _ = _run_batcher(ServeLimits(max_batch_size=2, max_wait_ms=1000), [(0, [q], {}) for q in "abcde"])
+    assert [c[0] for c in calls] == [["a", "b"], ["c", "d"], ["e"]]
+    # A lone question waits max_wait_ms for company, then runs alone; a late one gets its own batch.
+    calls, _, batcher = _run_batcher(ServeLimits(max_batch_size=8, max_wait_ms=100),
+                                     [(0, ["a"], {}), (0.3, ["b"], {})])
+    assert [c[0] for c in calls] == [["a"], ["b"]]
+    assert [0.1 <= job.queue_s < 0.2 for job in batcher.jobs] == [True, True]
+
+
+def test_batcher_failure_fails_only_that_batch():
+    calls, results, batcher = _run_batcher(ServeLimits(max_batch_size=1, max_wait_ms=0),
+                                           [(0, ["a"], {}), (0, ["b"], {})], fail=True)
+    assert all(isinstance(r, BatchFailed) for r in results) and len(calls) == 2
+    assert batcher.consecutive_failures == 2
+
+
+class _FailingOn:
+    """The real pipeline, except that a batch holding ``trigger`` raises (an inference fault)."""
+
+    def __init__(self, pipe, trigger: str):
+        self._pipe, self._trigger = pipe, trigger
+
+    def generate(self, questions, **kwargs):
+        if self._trigger in questions:
+            raise RuntimeError("simulated inference failure")
+        return self._pipe.generate(questions, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+
+def test_inference_fault_fails_that_batch_and_repeated_faults_make_it_unready(bundle, caplog):
+    """A real uvicorn server over real HTTP, in this process so a fault can be planted in the pipeline."""
+    import threading
+
+    import uvicorn
+
+    from benchmarks.serve_process import free_port
+    from rag_runtime import RagPipeline
+    from rag_runtime.serve import create_app
+
+    def load():  # a loader: the app takes a RagPipeline or a callable returning one
+        return _FailingOn(RagPipeline.load(bundle.export, threads=1), "explode")
+
+    app = create_app(load, ServeLimits(max_wait_ms=1, failures_until_unready=2), load_in_background=False)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(url + "/health/ready").status_code == 200
+
+        failed = _post(url, {"question": "explode"})
+        assert failed.status_code == 500 and failed.json()["type"] == "inference_failed", failed.text
+        assert "Traceback" not in failed.text and "simulated" not in failed.text  # the reason stays in the log
+        assert any("simulated inference failure" in r.getMessage() for r in caplog.records)
+        assert httpx.get(url + "/health/ready").status_code == 200  # one failure: still ready
+
+        ok = _post(url, {"question": "who wrote hamlet?"})
+        assert ok.status_code == 200 and ok.json()["results"][0]["answers"]  # the service keeps serving
+        assert [_post(url, {"question": "explode"}).status_code for _ in range(2)] == [500, 500]
+        ready = httpx.get(url + "/health/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "failing"
+        assert metric(httpx.get(url + "/metrics").text, "rag_failed_batches_total") == 3
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
