@@ -8,7 +8,7 @@ import sys
 
 from rag_runtime.commands import run_command, setup_logging
 
-from .export import DEFAULT_ATOL, DEFAULT_OPSET, export
+from .export import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="artifact directory to create")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory after success")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="validation tolerance (max abs diff)")
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+                   help="validation: absolute part of each output's tolerance")
+    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                   help="validation: part of the tolerance proportional to the output's largest magnitude")
+    p.add_argument("--strict", action="store_true",
+                   help="validation: fail on any excess over the tolerance or any changed top-k decision "
+                   "(default: only decisions changed beyond near-ties, or a gross excess, fail)")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation")
     p.add_argument("--context-encoder", metavar="PATH_OR_ID", help="also export this DPR context encoder")
     p.add_argument("--no-index", dest="include_index", action="store_false",
@@ -47,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         export(args.model, args.output, force=args.force, opset=args.opset, validate=args.validate, atol=args.atol,
+               rtol=args.rtol, strict=args.strict,
                context_encoder=args.context_encoder, include_index=args.include_index, quantize=args.quantize,
                precision=args.precision, optimize=args.optimize)
         return 0

@@ -10,18 +10,16 @@ class ExportError(RagError):
 
 
 class ValidationError(ExportError):
-    """An exported graph disagrees with PyTorch beyond tolerance.
+    """An exported graph disagrees with PyTorch: beyond its tolerance grossly (or at all, with
+    ``--strict``), or in the decisions beam search takes from it.
 
     Attributes:
         graph: Graph name.
-        output: Output name with the largest violation.
-        max_diff: Its maximum absolute difference.
-        atol: The tolerance it was checked against.
+        output: The output (and step) that failed.
+        reason: What is wrong with it, with the figures.
     """
 
-    def __init__(self, graph: str, output: str, max_diff: float, atol: float):
-        self.graph, self.output, self.max_diff, self.atol = graph, output, max_diff, atol
-        super().__init__(
-            f"validation failed: {graph} output {output!r} differs from PyTorch by {max_diff:.3g} "
-            f"(atol {atol:g}); re-run with a larger --atol to accept it, or --no-validate to skip"
-        )
+    def __init__(self, graph: str, output: str, reason: str):
+        self.graph, self.output, self.reason = graph, output, reason
+        super().__init__(f"validation failed: {graph} output {output!r} {reason}; if the checkpoint is sound, "
+                         "loosen --atol/--rtol, or skip with --no-validate")

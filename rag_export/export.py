@@ -21,11 +21,11 @@ from rag_runtime.files import check_output_dir, replace_dir
 from rag_runtime.progress import step
 
 from .errors import ExportError
+from .judge import DEFAULT_ATOL, DEFAULT_RTOL, Tolerance
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-DEFAULT_ATOL = 1e-3
 PRECISIONS = ("fp32", "fp16")
 QUANTIZATIONS = ("int8",)
 
@@ -38,6 +38,8 @@ def export(
     opset: int = DEFAULT_OPSET,
     validate: bool = True,
     atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    strict: bool = False,
     context_encoder: str | None = None,
     include_index: bool = True,
     quantize: str | None = None,
@@ -51,8 +53,12 @@ def export(
         output_dir: Where to write; must be empty or absent unless ``force``.
         force: Replace a non-empty ``output_dir`` (only once the new export has succeeded).
         opset: ONNX opset.
-        validate: Compare every graph in onnxruntime against PyTorch.
-        atol: Largest accepted absolute difference during validation.
+        validate: Compare every graph in onnxruntime against PyTorch (:mod:`rag_export.judge`).
+        atol: Absolute part of each output's validation tolerance.
+        rtol: Part of the tolerance proportional to the output's largest reference magnitude.
+        strict: Fail validation on any excess over the tolerance or any changed top-k decision (by
+            default a small excess is recorded, and only decisions changed beyond near-ties or a gross
+            excess fail).
         context_encoder: Also export this DPR context encoder (hub id or directory).
         include_index: Export the checkpoint's custom knowledge base.
         quantize: ``"int8"``: dynamic int8 quantization of the graphs' weights (CPU). The fp32 graphs are
@@ -90,7 +96,7 @@ def export(
         with step(logger, f"loading {model}"):
             ckpt = load_checkpoint(str(model))
     with staging_dir(output_dir) as tmp:
-        manifest = export_checkpoint(ckpt, tmp, opset=opset, validate=validate, atol=atol,
+        manifest = export_checkpoint(ckpt, tmp, opset=opset, validate=validate, tol=Tolerance(atol, rtol, strict),
                                      context_encoder=context_encoder, include_index=include_index,
                                      reduced=quantize or (precision if precision != "fp32" else None),
                                      optimize=optimize)
@@ -100,7 +106,8 @@ def export(
 
 
 def export_context_encoder(source: str, output_dir: str | Path, *, force: bool = False, opset: int = DEFAULT_OPSET,
-                           validate: bool = True, atol: float = DEFAULT_ATOL) -> Path:
+                           validate: bool = True, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+                           strict: bool = False) -> Path:
     """Export only a DPR context encoder, for ``rag-index build``: ``context_encoder.onnx``, its tokenizer
     and a manifest listing them."""
     output_dir = Path(output_dir)
@@ -109,7 +116,8 @@ def export_context_encoder(source: str, output_dir: str | Path, *, force: bool =
     from .exporter import export_context_encoder_only
 
     with staging_dir(output_dir) as tmp:
-        export_context_encoder_only(source, tmp, opset=opset, validate=validate, atol=atol).save(tmp)
+        export_context_encoder_only(source, tmp, opset=opset, validate=validate,
+                                    tol=Tolerance(atol, rtol, strict)).save(tmp)
     logger.info("wrote %s", output_dir)
     return output_dir
 
@@ -145,4 +153,4 @@ def trace(module, spec, args: tuple, out_dir: Path, opset: int) -> Path:
     return path
 
 
-__all__ = ["DEFAULT_ATOL", "DEFAULT_OPSET", "export", "export_context_encoder", "staging_dir"]
+__all__ = ["DEFAULT_ATOL", "DEFAULT_OPSET", "DEFAULT_RTOL", "export", "export_context_encoder", "staging_dir"]

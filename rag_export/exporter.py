@@ -17,12 +17,13 @@ from .errors import ExportError
 from .export import trace
 from .graphs.families import family_for
 from .graphs.registry import GRAPHS, ContextEncoderSource, ExportContext, GraphEntry
+from .judge import MEASURE_ONLY, Tolerance
 from .manifest import build_manifest, tokenizer_entry
 
 logger = logging.getLogger(__name__)
 
 
-def export_checkpoint(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, atol: float,
+def export_checkpoint(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, tol: Tolerance,
                       context_encoder: str | None, include_index: bool, reduced: str | None,
                       optimize: bool) -> Manifest:
     """Write every graph, tokenizer and the index of ``ckpt`` into ``out``; return its manifest."""
@@ -32,7 +33,7 @@ def export_checkpoint(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool
     logger.info("generator family %s: %d decoder layers, %d heads, vocabulary %d", family.name, ctx.dims.layers,
                 ctx.dims.heads, ctx.dims.vocab)
     entries = [e for e in GRAPHS if e.applies(ctx)]
-    validation = _build_graphs(ctx, entries, opset, validate, atol, optimize, reduced)
+    validation = _build_graphs(ctx, entries, opset, validate, tol, optimize, reduced)
     with step(logger, "writing tokenizers"):
         tokenizers = _write_tokenizers(ctx)
     index = _export_index(ckpt, out) if include_index else None
@@ -40,14 +41,14 @@ def export_checkpoint(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool
                           optimized=optimize, validation=validation, index=index)
 
 
-def export_context_encoder_only(source: str, out: Path, *, opset: int, validate: bool, atol: float) -> Manifest:
+def export_context_encoder_only(source: str, out: Path, *, opset: int, validate: bool, tol: Tolerance) -> Manifest:
     ctx = ExportContext(out=out, context_encoder=_load_context_encoder(source))
     entries = [e for e in GRAPHS if e.applies(ctx)]
-    validation = _build_graphs(ctx, entries, opset, validate, atol, optimize=False, reduced=None)
+    validation = _build_graphs(ctx, entries, opset, validate, tol, optimize=False, reduced=None)
     return build_manifest(ctx, [e.spec for e in entries], _write_tokenizers(ctx), opset=opset, validation=validation)
 
 
-def _build_graphs(ctx: ExportContext, entries: list[GraphEntry], opset: int, validate: bool, atol: float,
+def _build_graphs(ctx: ExportContext, entries: list[GraphEntry], opset: int, validate: bool, tol: Tolerance,
                   optimize: bool, reduced: str | None) -> dict:
     """Trace, fuse, validate, reduce precision; returns the validation figures."""
     torch.manual_seed(0)
@@ -66,7 +67,7 @@ def _build_graphs(ctx: ExportContext, entries: list[GraphEntry], opset: int, val
     validation: dict = {}
     if validate:
         with step(logger, "validating graphs against PyTorch"):
-            validation = _validate(ctx, entries, modules, atol)
+            validation = _validate(ctx, entries, modules, tol)
     if reduced:
         conversion, message = convert.REDUCED_PRECISIONS[reduced]
         with step(logger, message):
@@ -74,18 +75,30 @@ def _build_graphs(ctx: ExportContext, entries: list[GraphEntry], opset: int, val
                 if not entry.keep_fp32:
                     conversion(ctx.path(entry.spec))
             reduced_entries = [e for e in entries if not e.keep_fp32]
-            validation[f"{reduced}_drift"] = _validate(ctx, reduced_entries, modules, float("inf"), f"{reduced} drift")
+            validation[f"{reduced}_drift"] = _validate(ctx, reduced_entries, modules, MEASURE_ONLY)
     return validation
 
 
-def _validate(ctx: ExportContext, entries: list[GraphEntry], modules: dict, atol: float,
-              what: str = "max|diff|") -> dict[str, dict[str, float]]:
+def _validate(ctx: ExportContext, entries: list[GraphEntry], modules: dict, tol: Tolerance) -> dict[str, dict]:
     figures = {}
     for entry in entries:
         name = entry.spec.name
-        figures[name] = entry.validate(ctx, modules[name], atol)
-        logger.info("  %s: %s", name, ", ".join(f"{k} {what} {v:.2e}" for k, v in figures[name].items()))
+        figures[name] = entry.validate(ctx, modules[name], tol)
+        for output, f in figures[name].items():
+            logger.info("  %s %s: %s", name, output, describe(f))
     return figures
+
+
+def describe(figures: dict) -> str:
+    """One line of validation figures: the difference against its tolerance, and the decisions."""
+    text = (f"max|diff| {figures['max_abs_diff']:.2e} (tolerance {figures['tolerance']:.2e}, "
+            f"max|ref| {figures['max_abs_ref']:.3g})")
+    d = figures.get("decisions")
+    if d:
+        ties = f" ({d['near_tie_rows']} near-ties)" if d["near_tie_rows"] else ""
+        text += (f"; top-{d['top_k']} tokens agree in {d['rows_agreeing']}/{d['rows']} rows{ties}, "
+                 f"closest top-1/top-2 gap {d['min_top_gap']:.2e}")
+    return text
 
 
 def _load_context_encoder(source: str) -> ContextEncoderSource:

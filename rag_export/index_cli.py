@@ -14,7 +14,7 @@ from pathlib import Path
 from rag_runtime.commands import run_command, setup_logging
 from rag_runtime.files import check_output_dir, dir_size_text
 
-from .export import DEFAULT_ATOL, staging_dir
+from .export import DEFAULT_ATOL, DEFAULT_RTOL, staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("checkpoint", help="DPR context encoder: hub id or local directory")
     c.add_argument("out", type=Path, help="directory to create (pass it to rag-index build --context-encoder)")
-    c.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="validation tolerance (max abs diff)")
+    c.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="validation: absolute part of the tolerance")
+    c.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="validation: part relative to the magnitude")
     c.add_argument("--force", action="store_true", help="replace a non-empty OUT after success")
 
     i = sub.add_parser("import", help="import a transformers RagRetriever knowledge base (datasets + .faiss)",
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 def _context_encoder(args) -> int:
     from .export import export_context_encoder
 
-    export_context_encoder(args.checkpoint, args.out, force=args.force, atol=args.atol)
+    export_context_encoder(args.checkpoint, args.out, force=args.force, atol=args.atol, rtol=args.rtol)
     return 0
 
 

@@ -27,3 +27,30 @@ def special_ids(pipeline) -> tuple[set[int], int]:
     """EOS ids and the pad id the export recorded."""
     d = pipeline.manifest.generation_defaults
     return set(d.eos_token_id), d.pad_token_id
+
+
+def spread_checkpoint(src, dst, std: float, seed: int = 1):
+    """A copy of the RAG checkpoint ``src`` at ``dst`` whose every matrix of the question encoder and the
+    generator is redrawn from N(0, std^2): std 1 makes attention nearly one-hot and the logits large,
+    the hardest case for fp32 agreement."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, RagSequenceForGeneration, RagTokenForGeneration
+
+    src, dst = Path(src), Path(dst)
+    if (dst / "spread.done").is_file():
+        return dst
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    token = "RagTokenForGeneration" in (AutoConfig.from_pretrained(src).architectures or [])
+    model = (RagTokenForGeneration if token else RagSequenceForGeneration).from_pretrained(src).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and ("question_encoder" in name or "generator" in name):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    model.save_pretrained(dst)
+    (dst / "spread.done").write_text("ok")
+    return dst

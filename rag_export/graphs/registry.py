@@ -15,6 +15,7 @@ from rag_runtime import constants as C
 from rag_runtime.artifact import DecoderDims
 
 from .. import validate as V
+from ..judge import Tolerance
 from . import GraphSpec
 from .families import GeneratorFamily
 from .generator import DECODER_SPEC, ENCODER_SPEC, GeneratorEncoderGraph
@@ -71,7 +72,7 @@ class GraphEntry:
         applies: Whether this export has the graph.
         module: The ``nn.Module`` traced into it.
         sample_inputs: Tracing inputs for the module.
-        validate: Differences against PyTorch per output; raises ValidationError beyond ``atol``.
+        validate: Figures per output against PyTorch (:mod:`rag_export.judge`); raises ValidationError.
         optimizer: onnxruntime optimizer settings (model type, heads, hidden size), None to leave it as is.
         keep_fp32: Not converted by ``--precision fp16`` / ``--quantize int8`` (it has no weights, or its
             arithmetic must stay in fp32).
@@ -81,7 +82,7 @@ class GraphEntry:
     applies: Callable[[ExportContext], bool]
     module: Callable[[ExportContext], nn.Module]
     sample_inputs: Callable[[ExportContext, nn.Module], tuple]
-    validate: Callable[[ExportContext, nn.Module, float], dict[str, float]]
+    validate: Callable[[ExportContext, nn.Module, Tolerance], dict[str, dict]]
     optimizer: Callable[[ExportContext], tuple[str, int, int] | None] = lambda ctx: None
     keep_fp32: bool = False
 
@@ -116,9 +117,9 @@ QUESTION_ENCODER = GraphEntry(
     applies=lambda ctx: ctx.checkpoint is not None,
     module=lambda ctx: DprEncoderGraph(ctx.question_encoder),
     sample_inputs=lambda ctx, m: sample_ids(ctx.question_encoder.config.vocab_size, 2, 8),
-    validate=lambda ctx, m, atol: V.validate_encoder(
+    validate=lambda ctx, m, tol: V.validate_encoder(
         C.QUESTION_ENCODER, ctx.path(QUESTION_ENCODER_SPEC), m, [C.QUESTION_EMBEDDING],
-        ctx.question_encoder.config.vocab_size, atol),
+        ctx.question_encoder.config.vocab_size, tol),
     optimizer=lambda ctx: _bert_optimizer(ctx.question_encoder.config),
 )
 
@@ -127,7 +128,7 @@ GENERATOR_ENCODER = GraphEntry(
     applies=lambda ctx: ctx.checkpoint is not None,
     module=lambda ctx: GeneratorEncoderGraph(ctx.generator, ctx.family),
     sample_inputs=lambda ctx, m: sample_ids(ctx.dims.vocab, 2, 9),
-    validate=lambda ctx, m, atol: V.validate_generator_encoder(ctx.path(ENCODER_SPEC), ctx.generator, ctx.dims, atol),
+    validate=lambda ctx, m, tol: V.validate_generator_encoder(ctx.path(ENCODER_SPEC), ctx.generator, ctx.dims, tol),
     optimizer=_generator_optimizer,
 )
 
@@ -136,9 +137,9 @@ GENERATOR_DECODER = GraphEntry(
     applies=lambda ctx: ctx.checkpoint is not None,
     module=lambda ctx: ctx.family.decoder_graph(ctx.generator),
     sample_inputs=_decoder_samples,
-    validate=lambda ctx, m, atol: V.validate_generator_decoder(
+    validate=lambda ctx, m, tol: V.validate_generator_decoder(
         ctx.path(ENCODER_SPEC), ctx.path(DECODER_SPEC), ctx.generator, ctx.dims,
-        ctx.checkpoint.generation_defaults["decoder_start_token_id"], atol),
+        ctx.checkpoint.generation_defaults["decoder_start_token_id"], tol),
     optimizer=_generator_optimizer,
 )
 
@@ -147,7 +148,7 @@ RAG_TOKEN_HEAD = GraphEntry(
     applies=lambda ctx: ctx.checkpoint is not None and ctx.checkpoint.kind == "token",
     module=lambda ctx: RagTokenHead(),
     sample_inputs=lambda ctx, m: head_export_args(ctx.dims.vocab),
-    validate=lambda ctx, m, atol: V.validate_rag_token_head(ctx.path(RAG_TOKEN_HEAD_SPEC), ctx.dims.vocab, atol),
+    validate=lambda ctx, m, tol: V.validate_rag_token_head(ctx.path(RAG_TOKEN_HEAD_SPEC), ctx.dims.vocab, tol),
     keep_fp32=True,  # the marginalization: exponentials and sums over the vocabulary
 )
 
@@ -156,9 +157,9 @@ CONTEXT_ENCODER = GraphEntry(
     applies=lambda ctx: ctx.context_encoder is not None,
     module=lambda ctx: DprEncoderGraph(ctx.context_encoder.model),
     sample_inputs=lambda ctx, m: sample_ids(ctx.context_encoder.model.config.vocab_size, 2, 8),
-    validate=lambda ctx, m, atol: V.validate_encoder(
+    validate=lambda ctx, m, tol: V.validate_encoder(
         C.CONTEXT_ENCODER, ctx.path(CONTEXT_ENCODER_SPEC), m, [C.PASSAGE_EMBEDDING],
-        ctx.context_encoder.model.config.vocab_size, atol),
+        ctx.context_encoder.model.config.vocab_size, tol),
 )
 
 # Export order: the decoder's validation runs the exported encoder.

@@ -145,7 +145,7 @@ class Manifest:
     context_encoder_source: str | None = None
     opset: int | None = None
     versions: dict[str, str] = field(default_factory=dict)
-    validation: dict[str, dict[str, float]] = field(default_factory=dict)
+    validation: dict[str, dict] = field(default_factory=dict)
     kind: str | None = None
     generator_type: str | None = None
     precision: str = "fp32"

@@ -17,7 +17,12 @@ _PACKAGES = ("rag_runtime", "rag_export")
 
 class _CommandHandler(logging.StreamHandler):
     """The stderr handler a command installs (replaced, not duplicated, when a command runs again in the
-    same process)."""
+    same process). It writes to whatever ``sys.stderr`` is when a record comes, so a caller that swaps
+    stderr (a test harness, a notebook) still gets the lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 def setup_logging(prog: str, verbose: bool = False, progress: bool = True) -> None:
