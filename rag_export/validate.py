@@ -120,3 +120,15 @@ def validate_rag_token_head(path, vocab: int, tol: Tolerance) -> dict[str, dict]
         raise ValidationError(C.RAG_TOKEN_HEAD, C.TOP_IDS, f"ranks {ids.tolist()}, the host path {ref_ids.tolist()}")
     return {C.TOP_SCORES: check_values(C.RAG_TOKEN_HEAD, C.TOP_SCORES, scores,
                                        np.take_along_axis(acc, ref_ids, axis=1), tol)}
+
+
+def validate_sequence_scorer(path, vocab: int, tol: Tolerance) -> dict[str, dict]:
+    """The scorer against numpy's log_softmax (what the runtime computes without it) on random logits."""
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((4, 6, vocab)) * 4).astype(np.float32)
+    labels = rng.integers(0, vocab, (4, 6)).astype(np.int64)
+    lp = log_softmax(logits)
+    picked, sums = _session(path).run(None, {C.LOGITS: logits, C.LABELS: labels})
+    return {C.LABEL_LOGPROBS: check_values(C.SEQUENCE_SCORER, C.LABEL_LOGPROBS, picked,
+                                           np.take_along_axis(lp, labels[:, :, None], axis=2)[:, :, 0], tol),
+            C.LOGPROB_SUMS: check_values(C.SEQUENCE_SCORER, C.LOGPROB_SUMS, sums, lp.sum(axis=2), tol)}

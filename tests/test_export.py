@@ -25,7 +25,7 @@ def test_export_layout_and_manifest(bundles, kind, generator):
     manifest = json.loads((out / C.MANIFEST_FILE).read_text())
     assert manifest["kind"] == kind and manifest["generator_type"] == generator
     expected = {"question_encoder", "generator_encoder", "generator_decoder", "context_encoder"}
-    assert set(manifest["graphs"]) == expected | ({"rag_token_head"} if kind == "token" else set())
+    assert set(manifest["graphs"]) == expected | ({"rag_token_head"} if kind == "token" else {"sequence_scorer"})
     for rel, digest in manifest["files"].items():
         assert sha256_file(out / rel) == digest, rel
     for name, graph in manifest["graphs"].items():

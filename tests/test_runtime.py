@@ -180,3 +180,19 @@ def test_fused_rag_token_head_matches_the_host_path(bundles, questions, generato
         assert [a.token_ids for a in g.answers] == [a.token_ids for a in w.answers]
         np.testing.assert_allclose([a.score for a in g.answers], [a.score for a in w.answers], rtol=1e-5)
     assert len({tuple(a.token_ids) for r in got for a in r.answers}) > 1, "degenerate answers prove nothing"
+
+
+@pytest.mark.parametrize("generator", ["bart", "t5"])
+def test_sequence_scorer_matches_the_host_path(bundles, questions, generator):
+    """RAG-Sequence rescoring through the exported scorer (label log-probs read off the device) ranks
+    and scores like the host path that brings the logits back (exports made before the scorer)."""
+    pipe = RagPipeline.load(bundles[("sequence", generator)].export)
+    host = RagPipeline.load(bundles[("sequence", generator)].export)
+    assert pipe.generator.backend.scorer is not None
+    host.generator.backend.scorer = None
+    params = dict(num_beams=3, max_length=10, num_return_sequences=3, n_docs=4)
+    got, want = pipe.generate(questions[:3], **params), host.generate(questions[:3], **params)
+    for g, w in zip(got, want, strict=True):
+        assert [a.token_ids for a in g.answers] == [a.token_ids for a in w.answers]
+        np.testing.assert_allclose([a.score for a in g.answers], [a.score for a in w.answers], rtol=1e-5, atol=1e-5)
+    assert len({tuple(a.token_ids) for r in got for a in r.answers}) > 1, "degenerate answers prove nothing"

@@ -57,3 +57,32 @@ def export_args(vocab: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     return (torch.randn(12, 1, vocab, generator=g), torch.randn(2, 3, generator=g), torch.zeros(2, 2),
             torch.tensor([1, vocab + 2], dtype=torch.int64), torch.tensor([4], dtype=torch.int64))
+
+
+SEQUENCE_SCORER_SPEC = GraphSpec(
+    name=C.SEQUENCE_SCORER,
+    file=C.SEQUENCE_SCORER_FILE,
+    inputs={C.LOGITS: ["rows", "length", "vocab"], C.LABELS: ["rows", "length"]},
+    outputs={C.LABEL_LOGPROBS: ["rows", "length"], C.LOGPROB_SUMS: ["rows", "length"]},
+    dtypes={C.LABELS: "int64"},
+)
+
+
+class SequenceScorer(nn.Module):
+    """RAG-Sequence rescoring's per-token numbers from teacher-forced logits, so that only ``[rows, L]``
+    values leave the device instead of ``[rows, L, vocab]`` logits: the log-probability of each label
+    (``log_softmax(logits)[label]``) and the sum of all log-probabilities at each position (what label
+    smoothing mixes in). float32 whatever the decoder's precision."""
+
+    def forward(self, logits, labels):
+        x = logits.float()
+        top = x.amax(dim=-1, keepdim=True)
+        lse = ((x - top).exp().sum(dim=-1, keepdim=True).log() + top).squeeze(-1)
+        picked = x.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+        return picked, x.sum(dim=-1) - x.shape[-1] * lse
+
+
+def scorer_export_args(vocab: int) -> tuple[torch.Tensor, ...]:
+    """Sample inputs for tracing (3 rows of 4 positions)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 4, vocab, generator=g), torch.randint(0, vocab, (3, 4), generator=g)

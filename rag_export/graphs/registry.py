@@ -19,7 +19,7 @@ from ..judge import Tolerance
 from . import GraphSpec
 from .families import GeneratorFamily
 from .generator import DECODER_SPEC, ENCODER_SPEC, GeneratorEncoderGraph
-from .heads import RAG_TOKEN_HEAD_SPEC, RagTokenHead
+from .heads import RAG_TOKEN_HEAD_SPEC, SEQUENCE_SCORER_SPEC, RagTokenHead, SequenceScorer, scorer_export_args
 from .heads import export_args as head_export_args
 from .question_encoder import CONTEXT_ENCODER_SPEC, QUESTION_ENCODER_SPEC, DprEncoderGraph
 
@@ -152,6 +152,15 @@ RAG_TOKEN_HEAD = GraphEntry(
     keep_fp32=True,  # the marginalization: exponentials and sums over the vocabulary
 )
 
+SEQUENCE_SCORER = GraphEntry(
+    spec=SEQUENCE_SCORER_SPEC,
+    applies=lambda ctx: ctx.checkpoint is not None and ctx.checkpoint.kind == "sequence",
+    module=lambda ctx: SequenceScorer(),
+    sample_inputs=lambda ctx, m: scorer_export_args(ctx.dims.vocab),
+    validate=lambda ctx, m, tol: V.validate_sequence_scorer(ctx.path(SEQUENCE_SCORER_SPEC), ctx.dims.vocab, tol),
+    keep_fp32=True,  # a log-softmax over the vocabulary
+)
+
 CONTEXT_ENCODER = GraphEntry(
     spec=CONTEXT_ENCODER_SPEC,
     applies=lambda ctx: ctx.context_encoder is not None,
@@ -164,4 +173,4 @@ CONTEXT_ENCODER = GraphEntry(
 
 # Export order: the decoder's validation runs the exported encoder.
 GRAPHS: tuple[GraphEntry, ...] = (QUESTION_ENCODER, GENERATOR_ENCODER, GENERATOR_DECODER, RAG_TOKEN_HEAD,
-                                  CONTEXT_ENCODER)
+                                  SEQUENCE_SCORER, CONTEXT_ENCODER)

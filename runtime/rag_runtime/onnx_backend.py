@@ -11,6 +11,7 @@ import numpy as np
 
 from . import constants as C
 from .artifact import DecoderDims
+from .decoding.search import log_softmax
 from .errors import ArtifactError, InvalidOptionError, require
 
 logger = logging.getLogger(__name__)
@@ -98,8 +99,8 @@ class OnnxGenerator:
     RAG-Token path (:meth:`rag_token_candidates`).
     """
 
-    def __init__(self, encoder, decoder, dims: DecoderDims, head=None, device: str = "cpu"):
-        self.encoder, self.decoder, self.head, self.dims = encoder, decoder, head, dims
+    def __init__(self, encoder, decoder, dims: DecoderDims, head=None, device: str = "cpu", scorer=None):
+        self.encoder, self.decoder, self.head, self.scorer, self.dims = encoder, decoder, head, scorer, dims
         self.vocab = int(dims.vocab)
         self._device = _Device(device)
 
@@ -174,8 +175,24 @@ class OnnxGenerator:
     def reorder(self, session: DecodeSession, rows: np.ndarray) -> None:
         session.beam_idx = np.ascontiguousarray(rows, dtype=np.int64)
 
-    def score(self, state: EncoderState, sequences: np.ndarray) -> np.ndarray:
-        n = sequences.shape[0]
-        ids = np.tile(sequences.astype(np.int64), (state.mask.shape[0], 1))
-        session = DecodeSession(state, state.mask.shape[0] * n)
-        return self._decode(session, ids, logits_on_host=True).numpy()
+    def label_logprobs(self, state: EncoderState, sequences: np.ndarray, labels: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced ``n`` sequences against every encoder row (rows ordered (encoder row, sequence)):
+        the log-probability of each label and the sum of all log-probabilities per position, each
+        [enc_rows * n, L]. With the exported scorer the logits stay on the device."""
+        enc_rows = state.mask.shape[0]
+        ids = np.tile(sequences.astype(np.int64), (enc_rows, 1))
+        labels = np.ascontiguousarray(np.tile(labels.astype(np.int64), (enc_rows, 1)))
+        session = DecodeSession(state, enc_rows * sequences.shape[0])
+        if self.scorer is None:  # exports made before the scorer graph: the host computes it
+            lp = log_softmax(self._decode(session, ids, logits_on_host=True).numpy().astype(np.float32))
+            return np.take_along_axis(lp, labels[:, :, None], axis=2)[:, :, 0], lp.sum(axis=2)
+        logits = self._decode(session, ids, logits_on_host=False)
+        io = self.scorer.io_binding()
+        io.bind_ortvalue_input(C.LOGITS, logits)
+        io.bind_cpu_input(C.LABELS, labels)
+        io.bind_output(C.LABEL_LOGPROBS, "cpu")
+        io.bind_output(C.LOGPROB_SUMS, "cpu")
+        self.scorer.run_with_iobinding(io)
+        picked, sums = io.copy_outputs_to_cpu()
+        return picked, sums

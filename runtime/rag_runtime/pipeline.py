@@ -83,8 +83,11 @@ class RagPipeline:
         q_tokenizer, g_tokenizer = tokenizer(C.QUESTION_TOKENIZER), tokenizer(C.GENERATOR_TOKENIZER)
         # The head runs between decoder steps: its idle threads must not spin on the decoder's cores.
         head = session(C.RAG_TOKEN_HEAD, spinning=False) if manifest.kind == "token" and fused_head else None
+        # RAG-Sequence rescoring reads label log-probs off the device; exports made before the scorer
+        # graph existed compute them on the host.
+        scorer = session(C.SEQUENCE_SCORER, spinning=False) if C.SEQUENCE_SCORER in manifest.graphs else None
         backend = OnnxGenerator(session(C.GENERATOR_ENCODER), session(C.GENERATOR_DECODER), manifest.decoder,
-                                head=head, device=device)
+                                head=head, device=device, scorer=scorer)
         index = (KnowledgeIndex(root / manifest.index.dir, device, nprobe=nprobe, ef_search=ef_search)
                  if manifest.index else None)
         retriever = Retriever(index, root)

@@ -33,8 +33,12 @@ class GeneratorBackend(Protocol):
     def reorder(self, session: Any, rows: np.ndarray) -> None:
         """Decoder row i continues from old row ``rows[i]``."""
 
-    def score(self, state: Any, sequences: np.ndarray) -> np.ndarray:
-        """Teacher-forced logits [enc_rows * n, L, vocab] for ``n`` sequences against every encoder row."""
+    vocab: int
+
+    def label_logprobs(self, state: Any, sequences: np.ndarray, labels: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced ``n`` sequences against every encoder row: per position, the log-probability of
+        ``labels`` and the sum of all log-probabilities, each [enc_rows * n, L]."""
 
 
 class RagTokenHead(Protocol):
@@ -197,12 +201,12 @@ def _nll(backend: GeneratorBackend, state: Any, cands: np.ndarray, doc_lp: np.nd
     target = np.concatenate([cands[:, 1:], np.full((n, 1), rescore.pad_token_id, dtype=cands.dtype)], axis=1)
     ll = np.empty((n_docs, n, length), dtype=np.float32)
     smooth = np.empty((n_docs, n, length), dtype=np.float32) if rescore.label_smoothing else None
-    for d in range(n_docs):  # one passage at a time bounds memory to [n, L, vocab]
-        lp = log_softmax(backend.score(backend.select(state, np.array([d])), cands).astype(np.float32))
-        ll[d] = np.take_along_axis(lp, target[:, :, None], axis=2)[:, :, 0]
+    for d in range(n_docs):  # one passage at a time bounds the device's logits to [n, L, vocab]
+        picked, sums = backend.label_logprobs(backend.select(state, np.array([d])), cands, target)
+        ll[d] = picked
         if smooth is not None:
-            smooth[d] = lp.sum(axis=2)
-    vocab = lp.shape[-1]
+            smooth[d] = sums
+    vocab = backend.vocab
     # The passage prior is added at the second position, before pads are masked.
     ll[:, :, 1] += doc_lp[:, None] if length > 1 else 0
     pad = target == rescore.pad_token_id
