@@ -207,14 +207,15 @@ def markdown(report: dict) -> str:
                 if side == "runtime" else ("", "")
             lines.append(f"| {run['batch']} | {side} | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | "
                          f"{s['questions_per_s']:.2f} | {extra[0]} | {extra[1]} |")
-    lines += ["", "Per-stage time per batch (ms):", "", "| batch | side | " + " | ".join(
-        ["question_encode", "retrieve", "contextualize", "generator_encode", "decode", "onnxruntime",
-         "outside_onnxruntime"]) + " |", "|---|---|" + "---|" * 7]
+    columns = ["question_encode", "retrieve", "contextualize", "generator_encode", "decode", "onnxruntime",
+               "outside_onnxruntime"]
+    if any("rescore" in st for run in report["runs"] for st in run["stages_per_batch_s"].values()):
+        columns.insert(5, "rescore")  # RAG-Sequence: the part of decode spent rescoring candidates
+    lines += ["", "Per-stage time per batch (ms):", "", "| batch | side | " + " | ".join(columns) + " |",
+              "|---|---|" + "---|" * len(columns)]
     for run in report["runs"]:
         for side, st in run["stages_per_batch_s"].items():
-            cells = [f"{st[k] * 1000:.1f}" if k in st else "" for k in
-                     ("question_encode", "retrieve", "contextualize", "generator_encode", "decode", "onnxruntime",
-                      "outside_onnxruntime")]
+            cells = [f"{st[k] * 1000:.1f}" if k in st else "" for k in columns]
             lines.append(f"| {run['batch']} | {side} | " + " | ".join(cells) + " |")
     if report.get("peak_rss_mib"):
         rss = report["peak_rss_mib"]

@@ -1,7 +1,9 @@
 """Runtime variants against each other, in one process, interleaved: the fused RAG-Token head against
-the host path, and optimized (onnxruntime fusions) graphs against plain ones.
+the host path, and optimized (onnxruntime fusions) graphs against plain ones; for RAG-Sequence, rescoring
+through the exported scorer against rescoring on the host.
 
     python -m benchmarks.variants --workload base --questions 8
+    python -m benchmarks.variants --workload base --kind sequence --questions 4
 
 Each variant answers the same questions with the same parameters as ``benchmarks.run`` (4 beams, 5
 passages, fixed answer length); answers must agree across variants. Writes
@@ -21,16 +23,29 @@ from pathlib import Path
 
 from benchmarks.run import QUESTIONS, RESULTS, WORKLOADS, _log, _pct, is_current, prepare
 
+
+def _host_rescoring(pipe) -> None:
+    pipe.generator.backend.scorer = None  # as an export made before the scorer graph
+
+
+# name: (export directory, RagPipeline.load options, change made after loading)
 VARIANTS = {
-    "fused head": ("export", {}),
-    "host path": ("export", {"fused_head": False}),
-    "fused head, optimized graphs": ("export-optimized", {}),
+    "token": {
+        "fused head": ("export", {}, None),
+        "host path": ("export", {"fused_head": False}, None),
+        "fused head, optimized graphs": ("export-optimized", {}, None),
+    },
+    "sequence": {
+        "scorer graph": ("export", {}, None),
+        "host rescoring": ("export", {}, _host_rescoring),
+    },
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="tiny")
+    p.add_argument("--kind", choices=sorted(VARIANTS), default="token")
     p.add_argument("--questions", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--name", default=None)
@@ -40,12 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     from rag_export import export
     from rag_runtime import RagPipeline, StageTimer
 
-    ckpt, plain = prepare(args.workload, "token", "bart")
-    optimized = plain.with_name("export-optimized")
-    if not is_current(optimized):
-        export(str(ckpt), optimized, force=True, optimize=True)
-    dirs = {"export": plain, "export-optimized": optimized}
-    pipes = {name: RagPipeline.load(dirs[d], timer=StageTimer(), **kw) for name, (d, kw) in VARIANTS.items()}
+    ckpt, plain = prepare(args.workload, args.kind, "bart")
+    dirs = {"export": plain}
+    if args.kind == "token":
+        dirs["export-optimized"] = plain.with_name("export-optimized")
+        if not is_current(dirs["export-optimized"]):
+            export(str(ckpt), dirs["export-optimized"], force=True, optimize=True)
+    pipes = {}
+    for name, (d, kw, change) in VARIANTS[args.kind].items():
+        pipes[name] = RagPipeline.load(dirs[d], timer=StageTimer(), **kw)
+        if change is not None:
+            change(pipes[name])
     n = WORKLOADS[args.workload]["answer_tokens"] + 1
     params = dict(n_docs=5, num_beams=4, num_return_sequences=1, max_length=n, min_length=n,
                   no_repeat_ngram_size=0, length_penalty=1.0, early_stopping=True)
@@ -68,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     calls = len(questions) * args.rounds
     base = names[0]
     report = {
-        "name": args.name or f"variants-{args.workload}",
+        "name": args.name or f"variants-{args.workload}" + ("" if args.kind == "token" else f"-{args.kind}"),
         "command": "python -m benchmarks.variants " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "params": params,
@@ -84,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     lines = [f"# {report['name']}", "", f"Command: `{report['command']}`", "",
              f"Machine: {report['machine']}; workload {args.workload}, batch 1, params {params}", "",
-             "| variant | p50 ms | p90 ms | generator_encode ms | decode ms | onnxruntime ms | same answers |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| variant | p50 ms | p90 ms | generator_encode ms | decode ms | of which rescore ms | onnxruntime ms "
+             "| same answers |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, v in report["variants"].items():
         st = v["stages_ms"]
         same = v["same_answers_as_" + base.replace(" ", "_")]
         lines.append(f"| {name} | {v['p50_ms']:.0f} | {v['p90_ms']:.0f} | {st.get('generator_encode', 0):.0f} | "
-                     f"{st.get('decode', 0):.0f} | {st.get('onnxruntime', 0):.0f} | {same}/{v['questions']} |")
+                     f"{st.get('decode', 0):.0f} | {st.get('rescore', 0):.0f} | {st.get('onnxruntime', 0):.0f} | "
+                     f"{same}/{v['questions']} |")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / report["name"]
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))

@@ -78,7 +78,7 @@ class AnswerGenerator:
                 do_deduplication=bool(opts.do_deduplication), fast=opts.fast_decoding,
             )
             return rag_sequence(self.backend, state, doc_scores, start, proc, search, rescore,
-                                opts.num_return_sequences, generation_state, opts.n_docs)
+                                opts.num_return_sequences, generation_state, opts.n_docs, stage=self._timer.stage)
 
     def _unmasked_state(self, ids: np.ndarray, reference_width: int | None):
         """The reference generates RAG-Sequence candidates from contexts padded to ``max_combined_length``

@@ -6,6 +6,8 @@ Row layout: the generator encoder runs one row per (question, passage); decoder 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -145,16 +147,18 @@ class RescoreSettings:
 
 def rag_sequence(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, start_id: int,
                  proc: P.ProcessorSettings, search: SearchSettings, rescore: RescoreSettings,
-                 num_return_sequences: int, generation_state: Any = None, generation_docs: int | None = None
-                 ) -> Decoded:
+                 num_return_sequences: int, generation_state: Any = None, generation_docs: int | None = None,
+                 stage: Callable[[str], AbstractContextManager] | None = None) -> Decoded:
     """RAG-Sequence thorough decoding: beam search per passage, then every candidate scored against
     every passage of its question, marginalized, best ``num_return_sequences`` kept.
 
     ``state`` holds the passages candidates are rescored against (``doc_scores.shape[1]`` rows per
     question); ``generation_state`` (default: ``state``) the ``generation_docs`` passages per question
     they are generated from. transformers generates from unmasked padded contexts, and rescores with the
-    mask and its configured n_docs: passing both reproduces that.
+    mask and its configured n_docs: passing both reproduces that. ``stage(name)`` (optional) times the
+    rescoring as ``rescore``.
     """
+    stage = stage or (lambda name: nullcontext())
     generation_state = state if generation_state is None else generation_state
     gen_docs = generation_docs or doc_scores.shape[1]
     batch, n_docs = doc_scores.shape
@@ -186,7 +190,8 @@ def rag_sequence(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, 
         if rescore.fast:
             scores = log_softmax(doc_scores[q, :gen_docs].astype(np.float32))[origin] + beam_scores
         else:
-            scores = -_nll(backend, q_state, cands, doc_lp, rescore)
+            with stage("rescore"):
+                scores = -_nll(backend, q_state, cands, doc_lp, rescore)
         best = np.argsort(-scores, kind="stable")[:num_return_sequences]
         out_seqs.append(cands[best])
         out_scores.append(scores[best].astype(np.float32))
