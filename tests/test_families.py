@@ -157,3 +157,27 @@ def test_unsupported_generator_refused(built, tmp_path, capsys, bad):
     else:
         assert "decoder_vocab_size 2000 != vocab_size" in err and "supported are:" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["mbart", "marian", "pegasus"])
+def test_optimized_family_matches_transformers(built, questions, tmp_path, name):
+    """onnxruntime's BART fusions (the optimizer has no mBART/Marian/Pegasus type) on pre- and post-LN
+    layers: the fused graphs validate and give the same answers."""
+    import onnx
+
+    from rag_export import export
+    from rag_runtime import RagPipeline
+    from rag_runtime import constants as C
+
+    b = built(name, "token")
+    out = export(str(b.checkpoint), tmp_path / "optimized", optimize=True)
+    ops = {n.op_type for n in onnx.load(str(out / C.GENERATOR_DECODER_FILE)).graph.node}
+    assert "SkipLayerNormalization" in ops, ops
+    qs = questions[2:8]
+    params = dict(num_beams=3, max_length=12, n_docs=5)
+    ref = b.reference.generate(qs, **params)
+    got = RagPipeline.load(out).generate(qs, **params)
+    eos, pad = special_ids(b.pipeline)
+    assert_not_degenerate([r.sequences for r in ref], eos | {pad, b.pipeline.manifest.generation_defaults.decoder_start_token_id})
+    for r, g in zip(ref, got, strict=True):
+        assert [a.token_ids for a in g.answers] == [reference_tokens(row, eos, pad) for row in r.sequences]
