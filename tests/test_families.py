@@ -42,10 +42,11 @@ VARIANTS = {
     "t5-gated-silu": Variant("t5", {"feed_forward_proj": "gated-silu", "tie_word_embeddings": False}, 0.0),
     "t5-relu-tied": Variant("t5", {"feed_forward_proj": "relu", "tie_word_embeddings": True}, 0.0),
 }
-# The new families in both RAG kinds; the variants in one kind each, to bound the run time.
+# The new families in both RAG kinds; the variants in RAG-Token (its reference runs the batch at once), to
+# bound the run time.
 CASES = [(name, kind) for name in ("mbart", "marian", "pegasus") for kind in ("token", "sequence")] + [
-    ("marian-tied", "sequence"), ("bart-scaled-relu", "token"), ("bart-gelu-new", "sequence"),
-    ("t5-gated-silu", "token"), ("t5-relu-tied", "sequence"),
+    ("marian-tied", "token"), ("bart-scaled-relu", "token"), ("bart-gelu-new", "token"),
+    ("t5-gated-silu", "token"), ("t5-relu-tied", "token"),
 ]
 SETTINGS = {
     "beam-return2-ndocs3-norepeat2": dict(num_beams=4, num_return_sequences=2, n_docs=3, no_repeat_ngram_size=2,
@@ -159,7 +160,7 @@ def test_unsupported_generator_refused(built, tmp_path, capsys, bad):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", ["mbart", "marian", "pegasus"])
+@pytest.mark.parametrize("name", ["mbart", "marian"])  # a pre-LN and a post-LN family
 def test_optimized_family_matches_transformers(built, questions, tmp_path, name):
     """onnxruntime's BART fusions (the optimizer has no mBART/Marian/Pegasus type) on pre- and post-LN
     layers: the fused graphs validate and give the same answers."""
