@@ -79,12 +79,21 @@ def detect_kind(config_dict: dict, source: str) -> str:
         raise ExportError(
             f"unsupported question encoder {q_type!r}; supported are: {', '.join(SUPPORTED_QUESTION_ENCODERS)}"
         )
-    g_type = (config_dict.get("generator") or {}).get("model_type")
-    from .graphs.families import supported_model_types
+    _check_generator(config_dict.get("generator") or {})
+    return kinds[0]
 
+
+def _check_generator(generator_dict: dict) -> None:
+    """Refuse an unsupported generator family or variant before any weights are loaded (a variant the graphs
+    cannot reproduce may not even load, e.g. a vocabulary size its weights do not have)."""
+    from .graphs.families import family_for, supported_model_types
+
+    g_type = generator_dict.get("model_type")
     if g_type not in supported_model_types():
         raise ExportError(f"unsupported generator {g_type!r}; supported are: {', '.join(supported_model_types())}")
-    return kinds[0]
+    from transformers import AutoConfig
+
+    family_for(AutoConfig.for_model(**generator_dict))
 
 
 _GENERATION_FIELDS = (

@@ -174,7 +174,7 @@ def _scale_weights(model, seed: int, gain: float, embed_std: float = 0.5) -> Non
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() < 2:
+            if p.dim() < 2 or not p.requires_grad:  # frozen: Marian's and Pegasus' sinusoidal positions
                 continue
             fan_in = p.shape[-1]
             std = gain / fan_in**0.5
@@ -187,13 +187,69 @@ def _scale_weights(model, seed: int, gain: float, embed_std: float = 0.5) -> Non
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+GENERATORS = ("bart", "t5", "mbart", "marian", "pegasus")
+# Std of the redrawn token embeddings. Pre-norm stacks (T5, mBART, Pegasus) keep the embedding in their
+# residual stream to the end, and scaled embeddings (x sqrt(d_model)) are larger still: a large token
+# embedding would dominate it and the model would repeat its input.
+_EMBED_STD = {"bart": 0.5, "t5": 0.05, "mbart": 0.05, "marian": 0.1, "pegasus": 0.05}
+
+
+def make_generator(generator: str, g_tok, spec: dict, overrides: dict):
+    """The generator's config (``overrides`` applied last), the model, and its generation defaults.
+
+    Special ids follow the real checkpoints of each family: BART and mBART start decoding from EOS and
+    force BOS first (mBART-50 forces the target language token there); Marian and Pegasus start from
+    the pad token.
+    """
+    import transformers
+
+    ids = dict(pad_token_id=g_tok.pad_token_id, eos_token_id=g_tok.eos_token_id)
+    no_dropout = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    beam = dict(num_beams=4, max_length=40, min_length=1, no_repeat_ngram_size=3, early_stopping=True)
+    if generator == "t5":
+        fields = dict(vocab_size=len(g_tok), **ids, decoder_start_token_id=g_tok.pad_token_id,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                      relative_attention_num_buckets=32, relative_attention_max_distance=128, **spec["t5"])
+        defaults = beam
+    else:
+        fields = dict(vocab_size=len(g_tok), max_position_embeddings=1024, forced_eos_token_id=g_tok.eos_token_id,
+                      **ids, **no_dropout, **spec["bart"])
+        start_from_pad = generator in ("marian", "pegasus")
+        fields.update(
+            decoder_start_token_id=g_tok.pad_token_id if start_from_pad else g_tok.eos_token_id,
+            bos_token_id=None if start_from_pad else g_tok.bos_token_id,
+        )
+        # Each family's usual variant (the overrides try the others), with an untied head: random tied
+        # weights make the model predict its input token again.
+        fields.update(tie_word_embeddings=False, **{
+            "bart": dict(scale_embedding=False),
+            "mbart": dict(scale_embedding=True),
+            "marian": dict(scale_embedding=True, activation_function="swish"),
+            "pegasus": dict(scale_embedding=True, activation_function="relu"),
+        }[generator])
+        defaults = dict(beam, length_penalty=1.0, forced_eos_token_id=g_tok.eos_token_id)
+        if not start_from_pad:
+            defaults["forced_bos_token_id"] = g_tok.bos_token_id
+    fields.update(overrides)
+    names = {"t5": "T5", "bart": "Bart", "mbart": "MBart", "marian": "Marian", "pegasus": "Pegasus"}[generator]
+    cfg = getattr(transformers, f"{names}Config")(**fields)
+    if generator == "t5":
+        cfg.prefix = "answer: "
+    if getattr(cfg, "bos_token_id", None) is None:
+        # RagSequenceForGeneration.get_nll reads config.generator.bos_token_id, which some configs lack.
+        cfg.bos_token_id = None
+    model_cls = getattr(transformers, "MarianMTModel" if generator == "marian" else f"{names}ForConditionalGeneration")
+    return cfg, model_cls(cfg), defaults
+
+
 def build(out: Path, kind: str, generator: str, size: str, corpus: Path, seed: int,
-          n_passages: int, n_docs: int, index_type: str | None) -> None:
+          n_passages: int, n_docs: int, index_type: str | None, generator_config: dict | None = None,
+          logits_bias_std: float = 0.0) -> None:
+    """Write a RAG checkpoint to ``out``; ``generator_config`` overrides fields of the generator's config,
+    ``logits_bias_std`` draws a random ``final_logits_bias`` (BART-like generators)."""
     import numpy as np
     import torch
     from transformers import (
-        BartConfig,
-        BartForConditionalGeneration,
         DPRConfig,
         DPRContextEncoder,
         DPRQuestionEncoder,
@@ -202,8 +258,6 @@ def build(out: Path, kind: str, generator: str, size: str, corpus: Path, seed: i
         RagSequenceForGeneration,
         RagTokenForGeneration,
         RagTokenizer,
-        T5Config,
-        T5ForConditionalGeneration,
     )
 
     torch.manual_seed(seed)
@@ -214,44 +268,23 @@ def build(out: Path, kind: str, generator: str, size: str, corpus: Path, seed: i
 
     t0 = time.perf_counter()
     q_tok = train_question_tokenizer(texts, spec["q_vocab"])
-    if generator == "bart":
-        g_tok = train_bart_tokenizer(texts, spec["g_vocab"])
-    else:
+    if generator == "t5":
         g_tok = train_t5_tokenizer(texts, spec["g_vocab"])
+    else:  # the BART-like families share BART's byte-level BPE: <s>=0, <pad>=1, </s>=2
+        g_tok = train_bart_tokenizer(texts, spec["g_vocab"])
     _log(f"tokenizers trained ({len(q_tok)} / {len(g_tok)} tokens) in {time.perf_counter() - t0:.1f}s")
 
     dpr_cfg = DPRConfig(vocab_size=len(q_tok), max_position_embeddings=512, projection_dim=0,
                         pad_token_id=q_tok.pad_token_id, **spec["dpr"])
-    if generator == "bart":
-        gen_cfg = BartConfig(
-            vocab_size=len(g_tok), max_position_embeddings=1024, pad_token_id=g_tok.pad_token_id,
-            bos_token_id=g_tok.bos_token_id, eos_token_id=g_tok.eos_token_id,
-            decoder_start_token_id=g_tok.eos_token_id, forced_eos_token_id=g_tok.eos_token_id,
-            scale_embedding=False, tie_word_embeddings=False, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-            **spec["bart"],
-        )
-        gen_model = BartForConditionalGeneration(gen_cfg)
-        gen_defaults = dict(num_beams=4, max_length=40, min_length=1, no_repeat_ngram_size=3,
-                            early_stopping=True, length_penalty=1.0, forced_bos_token_id=g_tok.bos_token_id,
-                            forced_eos_token_id=g_tok.eos_token_id)
-    else:
-        gen_cfg = T5Config(
-            vocab_size=len(g_tok), pad_token_id=g_tok.pad_token_id, eos_token_id=g_tok.eos_token_id,
-            decoder_start_token_id=g_tok.pad_token_id, feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False, dropout_rate=0.0, relative_attention_num_buckets=32,
-            relative_attention_max_distance=128, **spec["t5"],
-        )
-        gen_cfg.prefix = "answer: "
-        # RagSequenceForGeneration.get_nll reads config.generator.bos_token_id, which T5Config lacks.
-        gen_cfg.bos_token_id = None
-        gen_model = T5ForConditionalGeneration(gen_cfg)
-        gen_defaults = dict(num_beams=4, max_length=40, min_length=1, no_repeat_ngram_size=3, early_stopping=True)
+    gen_cfg, gen_model, gen_defaults = make_generator(generator, g_tok, spec, generator_config or {})
     q_model = DPRQuestionEncoder(dpr_cfg)
     ctx_model = DPRContextEncoder(dpr_cfg)
     _scale_weights(q_model, seed + 1, gain=1.0)
     _scale_weights(ctx_model, seed + 2, gain=1.0)
-    # T5 is pre-norm: a large token embedding would dominate its residual stream and repeat itself.
-    _scale_weights(gen_model, seed + 3, gain=1.0, embed_std=0.5 if generator == "bart" else 0.05)
+    _scale_weights(gen_model, seed + 3, gain=1.0, embed_std=_EMBED_STD[generator])
+    if logits_bias_std:
+        g = torch.Generator().manual_seed(seed + 4)
+        gen_model.final_logits_bias.copy_(torch.randn(gen_model.final_logits_bias.shape, generator=g) * logits_bias_std)
     gen_model.generation_config = GenerationConfig(
         decoder_start_token_id=gen_cfg.decoder_start_token_id, pad_token_id=gen_cfg.pad_token_id,
         eos_token_id=gen_cfg.eos_token_id, bos_token_id=getattr(gen_cfg, "bos_token_id", None), **gen_defaults,
@@ -314,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("out", type=Path, help="output checkpoint directory")
     parser.add_argument("--kind", choices=["token", "sequence"], default="token")
-    parser.add_argument("--generator", choices=["bart", "t5"], default="bart")
+    parser.add_argument("--generator", choices=GENERATORS, default="bart")
+    parser.add_argument("--generator-config", type=json.loads, default=None,
+                        help='JSON object of generator config overrides, e.g. \'{"activation_function": "relu"}\'')
+    parser.add_argument("--final-logits-bias-std", type=float, default=0.0,
+                        help="draw final_logits_bias from N(0, std) (BART-like generators)")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL with title and text")
     parser.add_argument("--passages", type=int, default=0, help="minimum passage count (longer ones are joined)")
@@ -325,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     build(args.out, args.kind, args.generator, args.size, args.corpus, args.seed, args.passages,
-          args.n_docs, None if args.index_type.lower() == "none" else args.index_type)
+          args.n_docs, None if args.index_type.lower() == "none" else args.index_type,
+          generator_config=args.generator_config, logits_bias_std=args.final_logits_bias_std)
     return 0
 
 

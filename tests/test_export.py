@@ -147,10 +147,10 @@ def _copy(work_dir: Path, tmp_path: Path) -> Path:
 def test_unsupported_generator(work_dir, tmp_path, capsys):
     ckpt = _copy(work_dir, tmp_path)
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["generator"]["model_type"] = "pegasus"
+    cfg["generator"]["model_type"] = "prophetnet"
     (ckpt / "config.json").write_text(json.dumps(cfg))
     err = _error([str(ckpt), str(tmp_path / "out")], capsys)
-    assert "unsupported generator 'pegasus'; supported are: bart, t5" in err
+    assert "unsupported generator 'prophetnet'; supported are: bart, t5, mbart, marian, pegasus" in err
 
 
 def test_missing_weights(work_dir, tmp_path, capsys):

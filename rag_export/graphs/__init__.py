@@ -1,7 +1,8 @@
 """The exported graphs: one module per graph or generator family, and the registries that list them.
 
-``families``: generator families (BART, T5), each one entry. ``registry``: every graph of an export,
-each with its module factory, sample inputs, IO spec and validator; the exporter loops over it.
+``families``: generator families (BART, T5, mBART, Marian, Pegasus), each one entry. ``registry``: every
+graph of an export, each with its module factory, sample inputs, IO spec and validator; the exporter
+loops over it.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Generator families: everything the exporter needs to know about one kind of seq2seq generator.
 
-Each family is one entry (its own module holds the decoder graph and the entry); :data:`FAMILIES` lists
-them. A generator whose ``model_type`` no family covers is refused with "supported are: ...".
+Each family is one entry (BART, T5, mBART, Marian, Pegasus): its own module holds the decoder graph and
+defines ``FAMILY``; ``_FAMILY_MODULES`` lists the modules. A generator whose ``model_type`` no family covers is refused with "supported are: ...".
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,14 +41,17 @@ class GeneratorFamily:
     check_config: Callable[[object], None] = lambda config: None
 
 
-def _families() -> list[GeneratorFamily]:
-    from .bart import BART
-    from .t5 import T5
+# One module per family, each defining ``FAMILY``; adding a family is its module plus its name here.
+_FAMILY_MODULES = ("bart", "t5", "mbart", "marian", "pegasus")
 
-    return [BART, T5]
+
+def _families() -> list[GeneratorFamily]:
+    # Imported on use: the family modules import this one for GeneratorFamily.
+    return [importlib.import_module(f"{__package__}.{name}").FAMILY for name in _FAMILY_MODULES]
 
 
 def supported_model_types() -> tuple[str, ...]:
+    """Every generator ``model_type`` a family covers, in registry order."""
     return tuple(t for f in _families() for t in f.model_types)
 
 

@@ -68,7 +68,7 @@ class T5DecoderGraph(nn.Module):
         return (self.lm_head(h), *cache.present())
 
 
-T5 = GeneratorFamily(
+FAMILY = GeneratorFamily(
     name="t5",
     model_types=("t5",),
     dims=_dims,
