@@ -121,12 +121,15 @@ def measure(ckpt: Path, export_dir: Path, questions: list[str], batch: int, para
     from rag_runtime import RagPipeline, StageTimer
 
     torch.set_num_threads(threads or os.cpu_count())
+    t0 = time.perf_counter()  # export directory to first answer: how fast a new replica can serve
     pipe = RagPipeline.load(export_dir, threads=threads, timer=StageTimer())
+    load_s = time.perf_counter() - t0
     ref = Reference(str(ckpt))
     ref_timer = _RefTimer(ref)
     batches = [questions[i : i + batch] for i in range(0, len(questions) - batch + 1, batch)]
     _log(f"warm-up ({len(batches)} batches of {batch}, {rounds} round(s))")
     pipe.generate(batches[0], **params)
+    first_answer_s = time.perf_counter() - t0
     ref.generate_ids(batches[0], **params)
 
     lat = {"runtime": [], "reference": []}
@@ -166,6 +169,7 @@ def measure(ckpt: Path, export_dir: Path, questions: list[str], batch: int, para
         "speedup_p50": summary["reference"]["p50_ms"] / summary["runtime"]["p50_ms"],
         "identical_answers": identical, "compared_answers": total,
         "stages_per_batch_s": {"runtime": stages, "reference": ref_stages},
+        "runtime_load_s": load_s, "runtime_first_answer_s": first_answer_s,
     }
 
 
@@ -217,6 +221,11 @@ def markdown(report: dict) -> str:
         for side, st in run["stages_per_batch_s"].items():
             cells = [f"{st[k] * 1000:.1f}" if k in st else "" for k in columns]
             lines.append(f"| {run['batch']} | {side} | " + " | ".join(cells) + " |")
+    loads = [f"batch {run['batch']}: load {run['runtime_load_s']:.2f} s, first answer after "
+             f"{run['runtime_first_answer_s']:.2f} s" for run in report["runs"] if "runtime_load_s" in run]
+    if loads:
+        lines += ["", "Runtime start-up (export directory to loaded pipeline, and to the first answer): "
+                  + "; ".join(loads) + "."]
     if report.get("peak_rss_mib"):
         rss = report["peak_rss_mib"]
         lines += ["", f"Peak RSS (VmHWM): runtime {rss['runtime']:.0f} MiB, reference {rss['reference']:.0f} MiB "
