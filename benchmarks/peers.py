@@ -6,13 +6,8 @@
 The benchmark generator (the BART generator of the workload checkpoint, random weights) is converted to
 CTranslate2 at fp32 and int8; rag_runtime runs its fp32 export and its ``--quantize int8`` export. Every
 side gets the same question's 5 supplied contexts (``benchmarks.device.contexts``), 4 beams and exactly
-``answer_tokens`` new tokens:
-
-- rag_runtime: ``generate_from_context`` (RAG-Token): one encoder call over the 5 contexts, then per step
-  one decoder call over 5 x 4 rows (LM head included) and the RAG-Token head (log-softmax, marginalization
-  over the passages with their scores, top-k), one beam search per question.
-- CTranslate2: ``translate_batch`` of the 5 contexts with beam 4, min = max decoding length: the same
-  encoder and decoder work over 5 x 4 rows, but 5 independent beam searches and no marginalization.
+``answer_tokens`` new tokens (the report's "work" says what each side computes: RAG's marginalization is
+only on rag_runtime's side). A greedy one-context check shows both engines run the same model.
 
 CTranslate2's converter wants ``normalize_before`` in the BART config and a tokenizer; both go into a
 scratch copy of the generator under ``.cache`` (never into the product). Writes
@@ -125,8 +120,10 @@ def _sides(exports: dict[str, Path], ct2_models: dict[str, Path], threads: int) 
     return sides, load_s
 
 
-def _runner(sides: dict, vocab: list[str], params: dict, new_tokens: int):
-    """``run(name, ids, mask, scores) -> (seconds, generated tokens per returned row)``."""
+def _runner(sides: dict, vocab: list[str], params: dict, new_tokens: int, forced_bos: int | None):
+    """``run(name, ids, mask, scores) -> (seconds, generated tokens per returned row)``. CTranslate2 gets
+    the checkpoint's forced BOS as a one-token target prefix (rag_runtime forces it at the first step)."""
+    prefix = [vocab[forced_bos]] if forced_bos is not None else None
 
     def run(name: str, ids: np.ndarray, mask: np.ndarray, scores: np.ndarray) -> tuple[float, list[int]]:
         kind, model = sides[name]
@@ -137,13 +134,32 @@ def _runner(sides: dict, vocab: list[str], params: dict, new_tokens: int):
             return dt, [int(rows.shape[1]) - 1]  # without the decoder start token
         source = [[vocab[t] for t in row[m.astype(bool)]] for row, m in zip(ids, mask, strict=True)]
         t0 = time.perf_counter()
-        results = model.translate_batch(source, beam_size=params["num_beams"], num_hypotheses=1,
+        results = model.translate_batch(source, target_prefix=[prefix] * len(source) if prefix else None,
+                                        beam_size=params["num_beams"], num_hypotheses=1,
                                         max_decoding_length=new_tokens, min_decoding_length=new_tokens,
                                         length_penalty=params["length_penalty"], return_end_token=True)
         dt = time.perf_counter() - t0
         return dt, [len(r.hypotheses[0]) for r in results]
 
     return run
+
+
+def same_model_check(sides: dict, vocab: list[str], inputs: list[tuple], params: dict, new_tokens: int,
+                     forced_bos: int | None) -> dict:
+    """Both engines run the same model: from one context, greedy, RAG-Token is plain decoding, so rag_runtime
+    fp32 and CTranslate2 fp32 must produce the same tokens (all but the last, which rag_runtime forces to EOS)."""
+    index = {t: i for i, t in enumerate(vocab)}
+    same = 0
+    for ids, mask, scores in inputs:
+        ours = sides["rag_runtime fp32"][1].generate_from_context(
+            ids[:1], mask[:1], scores[:, :1], **{**params, "num_beams": 1, "n_docs": 1})[0, 1:].tolist()
+        source = [vocab[t] for t in ids[0][mask[0].astype(bool)]]
+        hyp = sides["ctranslate2 fp32"][1].translate_batch(
+            [source], target_prefix=[[vocab[forced_bos]]] if forced_bos is not None else None, beam_size=1,
+            max_decoding_length=new_tokens, min_decoding_length=new_tokens, return_end_token=True)[0].hypotheses[0]
+        theirs = [index[t] for t in hyp]
+        same += ours[:-1] == theirs[:-1]
+    return {"greedy_one_context_same_tokens": same, "compared": len(inputs)}
 
 
 def measure(sides: dict, run, inputs: list[tuple], rounds: int) -> dict:
@@ -185,6 +201,9 @@ def markdown(report: dict) -> str:
              f"intra_threads); versions {report['versions']}", "",
              f"Load average (1 min): {report['load_avg_start']:.2f} at start, {report['load_avg_end']:.2f} at end",
              "", f"Workload: {report['workload']}", "", f"Work per side: {report['work']}", "",
+             f"Same model on both engines (one context, greedy, all tokens but rag_runtime's forced final EOS): "
+             f"{report['same_model_check']['greedy_one_context_same_tokens']}/{report['same_model_check']['compared']}"
+             f" identical", "",
              "| side | p50 ms/question | p90 | mean | generated tokens | load s |",
              "| --- | ---: | ---: | ---: | --- | ---: |"]
     for name, s in report["result"]["sides"].items():
@@ -254,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(m.sum(axis=1).mean()) for _, m, _ in inputs]
     start = load_avg()
     _log(f"{len(inputs)} questions x {args.rounds} rounds, load average {start:.2f}")
-    result = measure(sides, _runner(sides, vocab, params, new_tokens), inputs, args.rounds)
+    forced_bos = any_pipe.manifest.generation_defaults.forced_bos_token_id
+    same = same_model_check(sides, vocab, inputs[:3], params, new_tokens, forced_bos)
+    _log(f"same model: {same}")
+    result = measure(sides, _runner(sides, vocab, params, new_tokens, forced_bos), inputs, args.rounds)
     report = {
         "name": args.name or f"peers-{args.workload}",
         "command": "python -m benchmarks.peers " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -269,8 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                 "over 5 x 4 rows (LM head included) and the RAG-Token head (log-softmax, marginalization over "
                 "passages with their scores, top-k), one beam search per question. CTranslate2: translate_batch "
                 "of the 5 contexts, beam 4, min = max decoding length: the same encoder and decoder work over "
-                "5 x 4 rows, 5 independent beam searches, no marginalization (only our side does RAG's).",
+                "5 x 4 rows, 5 independent beam searches, no marginalization (only our side does RAG's). Both force "
+                "the checkpoint's BOS first (CTranslate2 as a one-token target prefix); rag_runtime also forces EOS "
+                "at the last step (same decoder work).",
         "load_s": load_s,
+        "same_model_check": same,
         "params": params,
         "result": result,
     }
