@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.device import N_DOCS, contexts
-from benchmarks.peers import load_avg, prepare
+from benchmarks.peers import load_avg, prepare, workload_passages
 from benchmarks.run import QUESTIONS, RESULTS, WORKLOADS, _log
 
 BEAMS = 4
@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 
     questions = [q for q in QUESTIONS.read_text().splitlines() if q.strip()][: args.questions]
     contextualizer = RagPipeline.load(export_dir, threads=args.threads)
-    inputs = [contexts(contextualizer, [q], seed=i) for i, q in enumerate(questions)]
+    corpus = workload_passages(args.workload)
+    inputs = [contexts(contextualizer, [q], seed=i, corpus=corpus) for i, q in enumerate(questions)]
     del contextualizer
     src = round(statistics.fmean(int(m.sum(axis=1).max()) for _, m, _ in inputs))
     start = load_avg()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.device import N_DOCS, contexts
+from benchmarks.device import N_DOCS, ROOT, contexts
 from benchmarks.run import CACHE, QUESTIONS, RESULTS, WORKLOADS, _log, _pct, build_checkpoint, is_current
 
 RUNTIME_EXPORTS = {"rag_runtime fp32": "export-fp32", "rag_runtime int8": "export-int8"}
@@ -57,6 +57,18 @@ def prepare(workload: str) -> tuple[Path, dict[str, Path]]:
             _log(f"{name} took {time.perf_counter() - t0:.1f}s")
         exports[side] = out
     return ckpt, exports
+
+
+def workload_passages(workload: str) -> list[dict]:
+    """The passages ``benchmarks.run``'s knowledge base adds by joining two corpus passages (about 100 words:
+    at base dims a context is about 145 tokens); None (the corpus as is) for a workload without them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tiny_rag", ROOT / "scripts" / "make_tiny_rag.py")
+    factory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(factory)
+    joined = factory.load_corpus(factory.DEFAULT_CORPUS, WORKLOADS[workload]["passages"])
+    return joined[len(factory.load_corpus(factory.DEFAULT_CORPUS)):] or None
 
 
 def _scratch_generator(ckpt: Path, scratch: Path) -> list[str]:
@@ -269,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     sides, load_s = _sides(exports, ct2_models, args.threads)
     any_pipe = sides["rag_runtime fp32"][1]
     questions = [q for q in QUESTIONS.read_text().splitlines() if q.strip()][: args.questions]
-    inputs = [contexts(any_pipe, [q], seed=i) for i, q in enumerate(questions)]
+    corpus = workload_passages(args.workload)
+    inputs = [contexts(any_pipe, [q], seed=i, corpus=corpus) for i, q in enumerate(questions)]
     lengths = [int(m.sum(axis=1).mean()) for _, m, _ in inputs]
     start = load_avg()
     _log(f"{len(inputs)} questions x {args.rounds} rounds, load average {start:.2f}")
