@@ -34,21 +34,22 @@ BEAMS = 4
 F32 = 4
 
 
-def matmul_rate(m: int, k: int, n: int, threads: int, seconds: float = 0.5) -> float:
-    """GFLOP/s of onnxruntime MatMul [m, k] x [k, n] (constant weight), median of repeated runs."""
+def _single_op_seconds(op: str, shape: tuple[int, int], weight: np.ndarray | None, threads: int,
+                       seconds: float = 0.5) -> float:
+    """Median seconds of one onnxruntime op on a float32 input of ``shape`` (and a constant weight)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "mm",
-                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [weight])
+    inits = [numpy_helper.from_array(weight, "w")] if weight is not None else []
+    out = [shape[0], weight.shape[1]] if weight is not None else list(shape)
+    graph = helper.make_graph([helper.make_node(op, ["a"] + (["w"] if inits else []), ["y"])], op,
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
     sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-    a = rng.standard_normal((m, k), dtype=np.float32)
+    a = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
     for _ in range(3):
         sess.run(None, {"a": a})
     times, t_end = [], time.perf_counter() + seconds
@@ -56,7 +57,18 @@ def matmul_rate(m: int, k: int, n: int, threads: int, seconds: float = 0.5) -> f
         t0 = time.perf_counter()
         sess.run(None, {"a": a})
         times.append(time.perf_counter() - t0)
-    return 2.0 * m * k * n / statistics.median(times) / 1e9
+    return statistics.median(times)
+
+
+def matmul_rate(m: int, k: int, n: int, threads: int) -> float:
+    """GFLOP/s of onnxruntime MatMul [m, k] x [k, n] (constant weight)."""
+    weight = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
+    return 2.0 * m * k * n / _single_op_seconds("MatMul", (m, k), weight, threads) / 1e9
+
+
+def exp_rate(rows: int, vocab: int, threads: int) -> float:
+    """Giga-elements/s of onnxruntime Exp over [rows, vocab] (the RAG-Token head's softmax work)."""
+    return rows * vocab / _single_op_seconds("Exp", (rows, vocab), None, threads) / 1e9
 
 
 def bandwidth(mib: int = 512, repeats: int = 7) -> float:
@@ -88,22 +100,25 @@ def stage_work(dims: dict, src: int, rows: int) -> dict[str, dict]:
             "gemms": [(rows, d, d, 6 * layers), (rows, d, ffn, layers), (rows, ffn, d, layers)],
             "extra_flops": layers * rows * 2 * 2 * src * d, "bytes": (dec_w + cross_kv) * F32},
         "LM head (one step)": {"gemms": [(rows, d, vocab, 1)], "extra_flops": 0, "bytes": d * vocab * F32},
-        "RAG-Token head (one step)": {"gemms": [], "extra_flops": 0, "bytes": 2 * rows * vocab * F32},
+        # log_softmax per passage row and the marginal's exp ([rows, vocab] each), log_softmax per beam.
+        "RAG-Token head (one step)": {"gemms": [], "extra_flops": 0, "bytes": 2 * rows * vocab * F32,
+                                      "exps": 2 * rows * vocab + BEAMS * vocab},
     }
 
 
-def floors(work: dict[str, dict], rates: dict[tuple, float], gbps: float) -> dict[str, dict]:
-    """Each stage's floor (ms): the larger of its GEMM time at the measured rates and its bytes over the
-    bandwidth."""
+def floors(work: dict[str, dict], rates: dict[tuple, float], gbps: float, exps_per_s: float) -> dict[str, dict]:
+    """Each stage's floor (ms): the larger of its compute time (GEMMs at the measured rates, exponentials
+    at onnxruntime's Exp rate) and its bytes over the bandwidth."""
     out = {}
     for stage, w in work.items():
         gemm_s = sum(2.0 * m * k * n * c / (rates[(m, k, n)] * 1e9) for m, k, n, c in w["gemms"])
         if w["extra_flops"]:
             slowest = min(rates[(m, k, n)] for m, k, n, _ in w["gemms"])
             gemm_s += w["extra_flops"] / (slowest * 1e9)
+        gemm_s += w.get("exps", 0) / (exps_per_s * 1e9)
         bytes_s = w["bytes"] / (gbps * 1e9)
         out[stage] = {"compute_ms": gemm_s * 1e3, "bytes_ms": bytes_s * 1e3, "floor_ms": max(gemm_s, bytes_s) * 1e3,
-                      "bound": "GEMM" if gemm_s >= bytes_s else "memory", "gflop": sum(
+                      "bound": ("exp" if w.get("exps") else "GEMM") if gemm_s >= bytes_s else "memory", "gflop": sum(
                           2.0 * m * k * n * c for m, k, n, c in w["gemms"]) / 1e9 + w["extra_flops"] / 1e9,
                       "mbytes": w["bytes"] / 1e6}
     return out
@@ -213,14 +228,15 @@ def markdown(report: dict) -> str:
              f"Machine: {report['machine']}; threads {report['threads']}; onnxruntime {report['onnxruntime']}", "",
              f"Load average (1 min): {report['load_avg_start']:.2f} at start, {report['load_avg_end']:.2f} at end", "",
              f"Workload: {report['workload']}", "",
-             f"Memory bandwidth (numpy copy, read + write): {report['bandwidth_gbps']:.1f} GB/s", "",
+             f"Memory bandwidth (numpy copy, read + write): {report['bandwidth_gbps']:.1f} GB/s; onnxruntime Exp "
+             f"over [rows, vocab]: {report['exp_gelem_per_s']:.2f} G elements/s", "",
              "| MatMul [m, k] x [k, n] | GFLOP/s |", "| --- | ---: |"]
     lines += [f"| [{r['m']}, {r['k']}] x [{r['k']}, {r['n']}] | {r['gflops']:.1f} |" for r in report["matmul"]]
     lines += ["", f"LM head share of a decoder call (onnxruntime profile, ops {report['lm_head_ops']}): "
                   f"{report['lm_head_share']:.1%}", "",
               "| stage | measured ms | floor ms | bound | measured / floor |", "| --- | ---: | ---: | --- | ---: |"]
     lines += [f"| {s} | {m:.1f} | {f:.1f} | {b} | {m / f:.2f}x |" for s, m, f, b in report["table"]]
-    lines += ["", "Floors per stage:", "", "| stage | GFLOP | MB streamed | GEMM ms | bytes ms |",
+    lines += ["", "Floors per stage:", "", "| stage | GFLOP | MB streamed | compute ms | bytes ms |",
               "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {k} | {v['gflop']:.2f} | {v['mbytes']:.0f} | {v['compute_ms']:.1f} | {v['bytes_ms']:.1f} |"
               for k, v in report["floors"].items()]
@@ -261,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     work = stage_work(dims, src, N_DOCS * BEAMS)
     shapes = sorted({(m, k, nn) for w in work.values() for m, k, nn, _ in w["gemms"]})
     rates = {s: matmul_rate(*s, threads=args.threads) for s in shapes}
+    exps = exp_rate(N_DOCS * BEAMS, dims["vocab"], args.threads)
     _log("measuring the runtime")
     measured = measure_runtime(export_dir, inputs, params, args.threads, args.rounds)
     profile = lm_head_share(export_dir, inputs[:2], params, args.threads, dims["vocab"])
-    fl = floors(work, rates, gbps)
+    fl = floors(work, rates, gbps, exps)
     report = {
         "name": args.name or f"floor-{args.workload}",
         "command": "python -m benchmarks.floor " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -273,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "workload": f"{args.workload} BART generator fp32 export, RAG-Token generate_from_context, {N_DOCS} contexts "
                     f"padded to {src} tokens (mean), {BEAMS} beams ({N_DOCS * BEAMS} decoder rows), {n - 1} new "
                     f"tokens, {len(inputs)} questions x {args.rounds} rounds, dims {dims}",
-        "bandwidth_gbps": gbps,
+        "bandwidth_gbps": gbps, "exp_gelem_per_s": exps,
         "matmul": [{"m": m, "k": k, "n": nn, "gflops": r} for (m, k, nn), r in rates.items()],
         "measured": measured, **profile, "floors": fl,
         "table": _rows(measured, fl, profile["lm_head_share"]),
