@@ -33,6 +33,15 @@ from benchmarks.run import CACHE, QUESTIONS, RESULTS, WORKLOADS, _log, _pct, bui
 
 RUNTIME_EXPORTS = {"rag_runtime fp32": "export-fp32", "rag_runtime int8": "export-int8"}
 CT2_TYPES = {"ctranslate2 fp32": "float32", "ctranslate2 int8": "int8"}
+WORK = (
+    "rag_runtime: generate_from_context (RAG-Token): encoder over the 5 contexts, per step the decoder "
+    "over 5 x 4 rows (LM head included) and the RAG-Token head (log-softmax, marginalization over "
+    "passages with their scores, top-k), one beam search per question. CTranslate2: translate_batch "
+    "of the 5 contexts, beam 4, min = max decoding length: the same encoder and decoder work over "
+    "5 x 4 rows, 5 independent beam searches, no marginalization (only our side does RAG's). Both force "
+    "the checkpoint's BOS first (CTranslate2 as a one-token target prefix); rag_runtime also forces EOS "
+    "at the last step (same decoder work)."
+)
 PAIRS = (("ctranslate2 fp32", "rag_runtime fp32"), ("ctranslate2 int8", "rag_runtime int8"),
          ("ctranslate2 int8", "rag_runtime fp32"))
 
@@ -300,13 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "workload": f"{args.workload} BART generator (random weights), {N_DOCS} contexts per question of "
                     f"{min(lengths)}-{max(lengths)} tokens (mean per question), 4 beams, {new_tokens} new tokens "
                     f"(min = max length), batch 1, {len(inputs)} questions x {args.rounds} rounds",
-        "work": "rag_runtime: generate_from_context (RAG-Token): encoder over the 5 contexts, per step the decoder "
-                "over 5 x 4 rows (LM head included) and the RAG-Token head (log-softmax, marginalization over "
-                "passages with their scores, top-k), one beam search per question. CTranslate2: translate_batch "
-                "of the 5 contexts, beam 4, min = max decoding length: the same encoder and decoder work over "
-                "5 x 4 rows, 5 independent beam searches, no marginalization (only our side does RAG's). Both force "
-                "the checkpoint's BOS first (CTranslate2 as a one-token target prefix); rag_runtime also forces EOS "
-                "at the last step (same decoder work).",
+        "work": WORK,
         "load_s": load_s,
         "same_model_check": same,
         "params": params,
