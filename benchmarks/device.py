@@ -52,10 +52,12 @@ def prepare(workload: str, precisions: list[str]) -> tuple[Path, dict[str, Path]
     return ckpt, exports
 
 
-def contexts(pipe, questions: list[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per question, ``N_DOCS`` corpus passages contextualized as the retriever does, and passage scores."""
-    corpus = [json.loads(line) for line in (ROOT / "scripts" / "data" / "corpus.jsonl").read_text().splitlines()
-              if line.strip()]
+def contexts(pipe, questions: list[str], seed: int = 0, corpus: list[dict] | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per question, ``N_DOCS`` passages (of ``corpus``, default the bundled corpus as is) contextualized as
+    the retriever does, and passage scores."""
+    corpus = corpus or [json.loads(line) for line in
+                        (ROOT / "scripts" / "data" / "corpus.jsonl").read_text().splitlines() if line.strip()]
     passages = [[corpus[(i * 7 + j * 13) % len(corpus)] for j in range(N_DOCS)] for i in range(len(questions))]
     ids, mask = pipe.contextualizer.encode(questions, passages)
     scores = np.random.default_rng(seed).normal(0.0, 2.0, (len(questions), N_DOCS)).astype(np.float32)

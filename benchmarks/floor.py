@@ -1,0 +1,316 @@
+"""How far each runtime stage is from what this machine allows: GEMM throughput at the workload's shapes
+and memory bandwidth, measured here, against the runtime's own stage times.
+
+    python -m benchmarks.floor --workload base --questions 4     # BART-base dims, RAG-Token, 4 beams, 20 tokens
+
+(a) onnxruntime MatMul throughput (GFLOP/s) at every GEMM shape the stages run, each a single-op ONNX
+graph with a constant weight (as in the exported graphs), input and output bound once, fastest of repeated
+runs, ``--threads`` intra-op threads; (b) memory bandwidth: a large numpy copy (bytes read + written).
+A stage's floor is the larger of its compute time at those rates (attention products at the stage's
+slowest GEMM rate, the RAG-Token head's exponentials at onnxruntime's Exp rate) and its bytes (weights and
+cross K/V read once) over the bandwidth. The runtime answers the same supplied contexts as
+``benchmarks.peers`` (``generate_from_context``, 5 contexts, 4 beams, fixed length) with a
+:class:`~rag_runtime.StageTimer`; a second, profiled pass gives the LM head's kernel time, which the
+decoder call is split by. Writes ``benchmarks/results/<name>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.device import N_DOCS, contexts
+from benchmarks.peers import load_avg, prepare, workload_passages
+from benchmarks.run import QUESTIONS, RESULTS, WORKLOADS, _log
+
+BEAMS = 4
+F32 = 4
+
+
+def _single_op_seconds(op: str, shape: tuple[int, int], weight: np.ndarray | None, threads: int,
+                       seconds: float = 0.5) -> float:
+    """Seconds of one onnxruntime op on a float32 input of ``shape`` (and a constant weight): the fastest of
+    repeated runs, since other work on the machine only ever slows a run down (a floor wants the capability)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(weight, "w")] if weight is not None else []
+    out = [shape[0], weight.shape[1]] if weight is not None else list(shape)
+    graph = helper.make_graph([helper.make_node(op, ["a"] + (["w"] if inits else []), ["y"])], op,
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+    sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    # Input and output bound once (as the runtime's arena reuses its buffers): a fresh multi-MB output per
+    # run would add page faults the kernel does not have in the exported graphs.
+    io = sess.io_binding()
+    io.bind_ortvalue_input("a", ort.OrtValue.ortvalue_from_numpy(
+        np.random.default_rng(1).standard_normal(shape, dtype=np.float32)))
+    io.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(np.zeros(out, dtype=np.float32)))
+    for _ in range(3):
+        sess.run_with_iobinding(io)
+    times, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 5:
+        t0 = time.perf_counter()
+        sess.run_with_iobinding(io)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_rate(m: int, k: int, n: int, threads: int) -> float:
+    """GFLOP/s of onnxruntime MatMul [m, k] x [k, n] (constant weight)."""
+    weight = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
+    return 2.0 * m * k * n / _single_op_seconds("MatMul", (m, k), weight, threads) / 1e9
+
+
+def exp_rate(rows: int, vocab: int, threads: int) -> float:
+    """Giga-elements/s of onnxruntime Exp over [rows, vocab] (the RAG-Token head's softmax work)."""
+    return rows * vocab / _single_op_seconds("Exp", (rows, vocab), None, threads) / 1e9
+
+
+def bandwidth(mib: int = 512, repeats: int = 7) -> float:
+    """GB/s of a numpy copy of ``mib`` MiB (bytes read + bytes written), the fastest of ``repeats``."""
+    src = np.ones(mib * 2**20 // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.nbytes / min(times) / 1e9
+
+
+def stage_work(dims: dict, src: int, rows: int) -> dict[str, dict]:
+    """Per stage: GEMM shapes (m, k, n, count), extra (attention) FLOPs and bytes that must stream.
+
+    ``src`` is the padded context width, ``rows`` the decoder rows (contexts x beams)."""
+    d, ffn, layers, vocab, ctx = dims["d_model"], dims["ffn"], dims["layers"], dims["vocab"], N_DOCS
+    t = ctx * src
+    enc_w = layers * (4 * d * d + 2 * d * ffn) + 2 * layers * d * d  # + every decoder layer's cross K/V projection
+    dec_w = layers * (6 * d * d + 2 * d * ffn)  # self q/k/v/o, cross q/o, FFN
+    cross_kv = 2 * layers * t * d  # cross K and V the decoder reads each step
+    return {
+        "generator encode": {
+            "gemms": [(t, d, d, 4 * layers + 2 * layers), (t, d, ffn, layers), (t, ffn, d, layers)],
+            "extra_flops": layers * ctx * 2 * 2 * src * src * d, "bytes": (enc_w + 2 * cross_kv) * F32},
+        "decoder layers (one step)": {
+            "gemms": [(rows, d, d, 6 * layers), (rows, d, ffn, layers), (rows, ffn, d, layers)],
+            "extra_flops": layers * rows * 2 * 2 * src * d, "bytes": (dec_w + cross_kv) * F32},
+        "LM head (one step)": {"gemms": [(rows, d, vocab, 1)], "extra_flops": 0, "bytes": d * vocab * F32},
+        # log_softmax per passage row and the marginal's exp ([rows, vocab] each), log_softmax per beam.
+        "RAG-Token head (one step)": {"gemms": [], "extra_flops": 0, "bytes": 2 * rows * vocab * F32,
+                                      "exps": 2 * rows * vocab + BEAMS * vocab},
+    }
+
+
+def floors(work: dict[str, dict], rates: dict[tuple, float], gbps: float, exps_per_s: float) -> dict[str, dict]:
+    """Each stage's floor (ms): the larger of its compute time (GEMMs at the measured rates, exponentials
+    at onnxruntime's Exp rate) and its bytes over the bandwidth."""
+    out = {}
+    for stage, w in work.items():
+        gemm_s = sum(2.0 * m * k * n * c / (rates[(m, k, n)] * 1e9) for m, k, n, c in w["gemms"])
+        if w["extra_flops"]:
+            slowest = min(rates[(m, k, n)] for m, k, n, _ in w["gemms"])
+            gemm_s += w["extra_flops"] / (slowest * 1e9)
+        gemm_s += w.get("exps", 0) / (exps_per_s * 1e9)
+        bytes_s = w["bytes"] / (gbps * 1e9)
+        out[stage] = {"compute_ms": gemm_s * 1e3, "bytes_ms": bytes_s * 1e3, "floor_ms": max(gemm_s, bytes_s) * 1e3,
+                      "bound": ("exp" if w.get("exps") else "GEMM") if gemm_s >= bytes_s else "memory", "gflop": sum(
+                          2.0 * m * k * n * c for m, k, n, c in w["gemms"]) / 1e9 + w["extra_flops"] / 1e9,
+                      "mbytes": w["bytes"] / 1e6}
+    return out
+
+
+class _Counted:
+    """A session that counts its runs (the decoder's calls are the decode steps)."""
+
+    def __init__(self, session):
+        self._session, self.calls = session, 0
+
+    def run_with_iobinding(self, *args, **kwargs):
+        self.calls += 1
+        return self._session.run_with_iobinding(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def measure_runtime(export_dir: Path, inputs: list[tuple], params: dict, threads: int, rounds: int) -> dict:
+    """The runtime's stage times on the inputs: per question, and per decoder / head call."""
+    from rag_runtime import RagPipeline, StageTimer
+
+    pipe = RagPipeline.load(export_dir, threads=threads, timer=StageTimer())
+    backend = pipe.generator.backend
+    backend.decoder, backend.head = _Counted(backend.decoder), _Counted(backend.head)
+    pipe.generate_from_context(*inputs[0], **params)  # warm-up
+    pipe.timer.reset()
+    backend.decoder.calls = backend.head.calls = 0
+    lat = []
+    for _ in range(rounds):
+        for args in inputs:
+            t0 = time.perf_counter()
+            pipe.generate_from_context(*args, **params)
+            lat.append(time.perf_counter() - t0)
+    tot, n = pipe.timer.totals, len(lat)
+    steps = backend.decoder.calls / n
+    return {
+        "question_p50_ms": float(np.median(lat)) * 1e3, "questions": n, "decode_steps_per_question": steps,
+        "generator_encode_ms": tot["generator_encode"] * 1e3 / n,
+        "encoder_graph_ms": tot["onnxruntime/generator_encoder"] * 1e3 / n,
+        "decoder_call_ms": tot["onnxruntime/generator_decoder"] * 1e3 / backend.decoder.calls,
+        "head_call_ms": tot["onnxruntime/rag_token_head"] * 1e3 / backend.head.calls,
+        "decode_ms": tot["decode"] * 1e3 / n,
+    }
+
+
+def lm_head_kernel(export_dir: Path, inputs: list[tuple], params: dict, threads: int, vocab: int) -> dict:
+    """From onnxruntime's per-node profile of the decoder: the LM head's kernel time per decoder call (the
+    MatMul/Gemm nodes whose output ends in ``vocab``). Profiling adds a cost per node that roughly doubles a
+    call of some 150 small nodes, so only the big kernel's own time is taken from it, not its share."""
+    import onnxruntime as ort
+
+    from rag_runtime import RagPipeline, pipeline
+
+    original = pipeline.create_session
+
+    def profiled(path, device, threads_=None, spinning=True):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads_ or 1, 1, 3
+        opts.enable_profiling = Path(path).stem == "generator_decoder"
+        opts.profile_file_prefix = str(export_dir.parent / "floor-profile")
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+    pipeline.create_session = profiled
+    try:
+        pipe = RagPipeline.load(export_dir, threads=threads)
+    finally:
+        pipeline.create_session = original
+    for args in inputs:
+        pipe.generate_from_context(*args, **params)
+    trace = Path(pipe.generator.backend.decoder.end_profiling())
+    trace_events = json.loads(trace.read_text())
+    trace.unlink()
+    events = [e for e in trace_events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    calls = sum(e.get("cat") == "Session" and e["name"] == "model_run" for e in trace_events)
+
+    def is_head(e) -> bool:
+        shapes = e["args"].get("output_type_shape") or [{}]
+        dims = next(iter(shapes[0].values()), [])
+        return e["args"].get("op_name") in ("MatMul", "Gemm", "FusedMatMul") and bool(dims) and dims[-1] == vocab
+
+    head = sum(e["dur"] for e in events if is_head(e))
+    return {"lm_head_profiled_ms": head / 1e3 / calls, "profiled_calls": calls,
+            "lm_head_ops": sorted({e["args"].get("op_name") for e in events if is_head(e)})}
+
+
+def _rows(measured: dict, fl: dict, lm_head_ms: float) -> list[tuple[str, float, float, str]]:
+    """(stage, measured ms, floor ms, bound) for the table."""
+    steps = measured["decode_steps_per_question"]
+    dec, lm, head = fl["decoder layers (one step)"], fl["LM head (one step)"], fl["RAG-Token head (one step)"]
+    call = measured["decoder_call_ms"]
+    question_floor = fl["generator encode"]["floor_ms"] + steps * (dec["floor_ms"] + lm["floor_ms"] + head["floor_ms"])
+    return [
+        ("generator encode (encoder graph, per question)", measured["encoder_graph_ms"],
+         fl["generator encode"]["floor_ms"], fl["generator encode"]["bound"]),
+        ("decoder call (one step: layers + LM head)", call, dec["floor_ms"] + lm["floor_ms"], "sum of the two below"),
+        ("  decoder layers (one step: call - LM head)", call - lm_head_ms, dec["floor_ms"], dec["bound"]),
+        ("  LM head (one step, profiled kernel)", lm_head_ms, lm["floor_ms"], lm["bound"]),
+        ("RAG-Token head (one step)", measured["head_call_ms"], head["floor_ms"], head["bound"]),
+        (f"question p50 (encode + {steps:.0f} steps, host included)", measured["question_p50_ms"], question_floor,
+         "sum of the stages"),
+    ]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# {report['name']}", "", f"Command: `{report['command']}`", "",
+             f"Machine: {report['machine']}; threads {report['threads']}; onnxruntime {report['onnxruntime']}", "",
+             f"Load average (1 min): {report['load_avg_start']:.2f} at start, {report['load_avg_end']:.2f} at end", "",
+             f"Workload: {report['workload']}", "",
+             f"Memory bandwidth (numpy copy, read + write): {report['bandwidth_gbps']:.1f} GB/s; onnxruntime Exp "
+             f"over [rows, vocab]: {report['exp_gelem_per_s']:.2f} G elements/s", "",
+             "| MatMul [m, k] x [k, n] | GFLOP/s |", "| --- | ---: |"]
+    lines += [f"| [{r['m']}, {r['k']}] x [{r['k']}, {r['n']}] | {r['gflops']:.1f} |" for r in report["matmul"]]
+    lines += ["", f"LM head kernel per decoder call (onnxruntime profile of {report['profiled_calls']} calls, ops "
+                  f"{report['lm_head_ops']}): {report['lm_head_profiled_ms']:.1f} ms", "",
+              "| stage | measured ms | floor ms | bound | measured / floor |", "| --- | ---: | ---: | --- | ---: |"]
+    lines += [f"| {s} | {m:.1f} | {f:.1f} | {b} | {m / f:.2f}x |" for s, m, f, b in report["table"]]
+    lines += ["", "Floors per stage:", "", "| stage | GFLOP | MB streamed | compute ms | bytes ms |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {k} | {v['gflop']:.2f} | {v['mbytes']:.0f} | {v['compute_ms']:.1f} | {v['bytes_ms']:.1f} |"
+              for k, v in report["floors"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="tiny")
+    p.add_argument("--questions", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--name", default=None, help="results file stem (default floor-<workload>)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import onnxruntime
+
+    ckpt, exports = prepare(args.workload)
+    export_dir = exports["rag_runtime fp32"]
+    g = json.loads((ckpt / "config.json").read_text())["generator"]
+    dims = {"d_model": g["d_model"], "ffn": g["decoder_ffn_dim"], "layers": g["decoder_layers"], "vocab": g["vocab_size"]}
+    n = WORKLOADS[args.workload]["answer_tokens"] + 1
+    params = dict(n_docs=N_DOCS, num_beams=BEAMS, num_return_sequences=1, max_length=n, min_length=n,
+                  no_repeat_ngram_size=0, length_penalty=1.0, early_stopping=True)
+    from rag_runtime import RagPipeline
+
+    questions = [q for q in QUESTIONS.read_text().splitlines() if q.strip()][: args.questions]
+    contextualizer = RagPipeline.load(export_dir, threads=args.threads)
+    corpus = workload_passages(args.workload)
+    inputs = [contexts(contextualizer, [q], seed=i, corpus=corpus) for i, q in enumerate(questions)]
+    del contextualizer
+    src = round(statistics.fmean(int(m.sum(axis=1).max()) for _, m, _ in inputs))
+    start = load_avg()
+    _log(f"load average {start:.2f}; measuring bandwidth and MatMul rates")
+    gbps = bandwidth()
+    work = stage_work(dims, src, N_DOCS * BEAMS)
+    shapes = sorted({(m, k, nn) for w in work.values() for m, k, nn, _ in w["gemms"]})
+    rates = {s: matmul_rate(*s, threads=args.threads) for s in shapes}
+    exps = exp_rate(N_DOCS * BEAMS, dims["vocab"], args.threads)
+    _log("measuring the runtime")
+    measured = measure_runtime(export_dir, inputs, params, args.threads, args.rounds)
+    profile = lm_head_kernel(export_dir, inputs[:2], params, args.threads, dims["vocab"])
+    fl = floors(work, rates, gbps, exps)
+    report = {
+        "name": args.name or f"floor-{args.workload}",
+        "command": "python -m benchmarks.floor " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": args.threads,
+        "onnxruntime": onnxruntime.__version__, "load_avg_start": start, "load_avg_end": load_avg(),
+        "workload": f"{args.workload} BART generator fp32 export, RAG-Token generate_from_context, {N_DOCS} contexts "
+                    f"padded to {src} tokens (mean), {BEAMS} beams ({N_DOCS * BEAMS} decoder rows), {n - 1} new "
+                    f"tokens, {len(inputs)} questions x {args.rounds} rounds, dims {dims}",
+        "bandwidth_gbps": gbps, "exp_gelem_per_s": exps,
+        "matmul": [{"m": m, "k": k, "n": nn, "gflops": r} for (m, k, nn), r in rates.items()],
+        "measured": measured, **profile, "floors": fl,
+        "table": _rows(measured, fl, profile["lm_head_profiled_ms"]),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / report["name"]
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
