@@ -121,15 +121,15 @@ def measure(ckpt: Path, export_dir: Path, questions: list[str], batch: int, para
     from rag_runtime import RagPipeline, StageTimer
 
     torch.set_num_threads(threads or os.cpu_count())
+    batches = [questions[i : i + batch] for i in range(0, len(questions) - batch + 1, batch)]
+    _log(f"warm-up ({len(batches)} batches of {batch}, {rounds} round(s))")
     t0 = time.perf_counter()  # export directory to first answer: how fast a new replica can serve
     pipe = RagPipeline.load(export_dir, threads=threads, timer=StageTimer())
     load_s = time.perf_counter() - t0
-    ref = Reference(str(ckpt))
-    ref_timer = _RefTimer(ref)
-    batches = [questions[i : i + batch] for i in range(0, len(questions) - batch + 1, batch)]
-    _log(f"warm-up ({len(batches)} batches of {batch}, {rounds} round(s))")
     pipe.generate(batches[0], **params)
     first_answer_s = time.perf_counter() - t0
+    ref = Reference(str(ckpt))
+    ref_timer = _RefTimer(ref)
     ref.generate_ids(batches[0], **params)
 
     lat = {"runtime": [], "reference": []}
