@@ -56,10 +56,13 @@ def build_checkpoint(path: Path, workload: str, kind: str, generator: str, index
 
 def is_current(export_dir: Path) -> bool:
     """An export this runtime reads (older formats are rebuilt)."""
-    from rag_runtime import constants as C
+    from rag_runtime import ArtifactError, Manifest
 
-    manifest = export_dir / C.MANIFEST_FILE
-    return manifest.exists() and json.loads(manifest.read_text()).get("format_version") == C.FORMAT_VERSION
+    try:
+        Manifest.load(export_dir, verify=False)
+    except ArtifactError:
+        return False
+    return True
 
 
 def prepare(workload: str, kind: str, generator: str, quantize: str | None = None) -> tuple[Path, Path]:

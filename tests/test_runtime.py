@@ -68,6 +68,12 @@ def test_overlong_question_is_truncated(bundles, caplog):
     (dict(n_docs=-1), ValueError, "n_docs"),
     (dict(bad_words_ids=[[]]), ValueError, "bad_words_ids"),
     (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
+    (dict(repetition_penalty=True), ValueError, "repetition_penalty"),
+    (dict(early_stopping=1), ValueError, "early_stopping"),
+    (dict(bad_words_ids=[[10**6]]), ValueError, r"bad_words_ids must hold token ids in \[0, \d+\)"),
+    (dict(forced_bos_token_id=10**6), ValueError, "forced_bos_token_id must hold token ids"),
+    (dict(forced_eos_token_id=-5), ValueError, "forced_eos_token_id must hold token ids"),
+    (dict(n_docs=500), ValueError, "the knowledge index has 320"),
 ])
 def test_invalid_generation_parameters(bundles, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -196,3 +202,26 @@ def test_sequence_scorer_matches_the_host_path(bundles, questions, generator):
         assert [a.token_ids for a in g.answers] == [a.token_ids for a in w.answers]
         np.testing.assert_allclose([a.score for a in g.answers], [a.score for a in w.answers], rtol=1e-5, atol=1e-5)
     assert len({tuple(a.token_ids) for r in got for a in r.answers}) > 1, "degenerate answers prove nothing"
+
+
+def test_export_made_before_the_scorer_graph_still_answers(bundles, questions, tmp_path):
+    """A format-2 RAG-Sequence export without sequence_scorer (as exported before it existed) loads and
+    rescores on the host, with the same answers."""
+    src = bundles[("sequence", "bart")].export
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    manifest = json.loads((old / C.MANIFEST_FILE).read_text())
+    del manifest["graphs"][C.SEQUENCE_SCORER]
+    del manifest["files"][C.SEQUENCE_SCORER_FILE]
+    (old / C.SEQUENCE_SCORER_FILE).unlink()
+    (old / C.MANIFEST_FILE).write_text(json.dumps(manifest))
+    pipe = RagPipeline.load(old)
+    assert pipe.generator.backend.scorer is None
+    params = dict(num_beams=2, max_length=9, num_return_sequences=2)
+    got, want = pipe.generate(questions[:2], **params), RagPipeline.load(src).generate(questions[:2], **params)
+    assert [[a.token_ids for a in r.answers] for r in got] == [[a.token_ids for a in r.answers] for r in want]
+
+
+def test_non_string_question_is_a_type_error(bundles):
+    with pytest.raises(TypeError, match="questions must be strings, got int"):
+        bundles[("token", "bart")].pipeline.generate([3])

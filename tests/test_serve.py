@@ -311,3 +311,14 @@ def test_inference_fault_fails_that_batch_and_repeated_faults_make_it_unready(bu
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_caps_apply_to_the_exports_defaults_too(bundle):
+    """A request that sends nothing still gets the export's default max_length: the cap bounds that too."""
+    default = bundle.pipeline.options().max_length
+    with ServerProcess(bundle.export, "--max-length", str(default - 1)) as s:
+        resp = _post(s.url, {"question": "who wrote hamlet?"})
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["type"] == "limit_exceeded" and "max_length" in resp.json()["error"]
+        ok = _post(s.url, {"question": "who wrote hamlet?", "max_length": default - 1})
+        assert ok.status_code == 200 and ok.json()["results"][0]["answers"]

@@ -185,7 +185,7 @@ class Manifest:
             raise ArtifactError(f"{root} has no {C.MANIFEST_FILE}: not a rag-export output (run rag-export first)")
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{path} is corrupted: {e}") from e
         version = raw.get("format_version") if isinstance(raw, dict) else None
         if version != C.FORMAT_VERSION:
@@ -193,7 +193,7 @@ class Manifest:
                                 "(re-export with the matching rag-export)")
         try:
             manifest = _build(cls, raw, "manifest")
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{path} is corrupted: {e}") from e
         if verify:
             manifest.verify(root)

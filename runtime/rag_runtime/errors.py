@@ -27,6 +27,10 @@ class UnknownOptionError(RagError, TypeError):
     """An option name no function here accepts (a ``TypeError``, like an unexpected keyword argument)."""
 
 
+class InvalidInputError(RagError, TypeError):
+    """An input of the wrong type (a question that is not a string)."""
+
+
 class MissingDependencyError(RagError, ImportError):
     """An optional dependency is not installed; the message names the extra that brings it."""
 

@@ -35,6 +35,7 @@ class AnswerGenerator:
     def options(self, kwargs: dict) -> GenerationOptions:
         """Validated options: ``kwargs`` over the export's defaults."""
         opts = GenerationOptions.from_kwargs(**kwargs).resolved(self._defaults, self._rag, self.kind)
+        opts.check_token_ids(self.backend.vocab)
         if self.kind == "sequence" and opts.num_return_sequences > opts.n_docs * opts.num_beams:
             raise InvalidOptionError(f"num_return_sequences ({opts.num_return_sequences}) must be <= n_docs * "
                                      f"num_beams ({opts.n_docs * opts.num_beams})")

@@ -77,6 +77,15 @@ class GenerationOptions:
         opts._validate(kind)
         return opts
 
+    def check_token_ids(self, vocab: int) -> None:
+        """Every token id option must name a token of the generator's vocabulary."""
+        ids = {"forced_bos_token_id": [self.forced_bos_token_id], "forced_eos_token_id": [self.forced_eos_token_id],
+               "bad_words_ids": [t for w in self.bad_words_ids or [] for t in w]}
+        for name, values in ids.items():
+            for v in values:
+                if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < vocab):
+                    raise InvalidOptionError(f"{name} must hold token ids in [0, {vocab}), got {v!r}")
+
     def _validate(self, kind: str) -> None:
         def positive(name: str) -> None:
             v = getattr(self, name)
@@ -97,11 +106,12 @@ class GenerationOptions:
         if kind == "token" and self.num_return_sequences > self.num_beams:
             raise InvalidOptionError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
                              f"({self.num_beams})")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+        if (not isinstance(self.repetition_penalty, (int, float)) or isinstance(self.repetition_penalty, bool)
+                or self.repetition_penalty <= 0):
             raise InvalidOptionError(f"repetition_penalty must be a positive float, got {self.repetition_penalty!r}")
-        if not isinstance(self.length_penalty, (int, float)):
+        if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool):
             raise InvalidOptionError(f"length_penalty must be a number, got {self.length_penalty!r}")
-        if self.early_stopping not in (True, False, "never"):
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise InvalidOptionError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.bad_words_ids is not None and (
             not isinstance(self.bad_words_ids, list)

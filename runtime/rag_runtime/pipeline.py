@@ -13,7 +13,7 @@ import numpy as np
 from . import constants as C
 from .artifact import Manifest
 from .contexts import Contextualizer
-from .errors import ArtifactError, InvalidOptionError
+from .errors import ArtifactError, InvalidInputError, InvalidOptionError
 from .generation import AnswerGenerator
 from .knowledge import KnowledgeIndex
 from .onnx_backend import OnnxGenerator, create_session, providers_for
@@ -112,7 +112,12 @@ class RagPipeline:
             UnknownOptionError: Unknown keyword (a ``TypeError``).
             InvalidOptionError: Invalid value (a ``ValueError``).
         """
-        return self.generator.options(kwargs)
+        opts = self.generator.options(kwargs)
+        index = self.retriever.index
+        if index is not None and self.generator.passages_needed(opts) > index.count:
+            raise InvalidOptionError(f"n_docs={opts.n_docs} needs {self.generator.passages_needed(opts)} passages; "
+                                     f"the knowledge index has {index.count}")
+        return opts
 
     def retrieve(self, questions: list[str], n_docs: int | None = None) -> list[list[Document]]:
         """The passages each question retrieves, in retrieval order, with their scores."""
@@ -134,10 +139,11 @@ class RagPipeline:
         Raises:
             UnknownOptionError: Unknown keyword (a ``TypeError``).
             InvalidOptionError: Invalid parameter value (a ``ValueError``).
+            InvalidInputError: A question that is not a string (a ``TypeError``).
             IndexUnavailableError: The export has no knowledge index.
         """
         questions = _as_list(questions)
-        opts = self.generator.options(kwargs)
+        opts = self.options(**kwargs)
         if not questions:
             return []
         self.retriever.require_index()
@@ -192,7 +198,7 @@ def _as_list(questions) -> list[str]:
     questions = list(questions)
     for q in questions:
         if not isinstance(q, str):
-            raise InvalidOptionError(f"questions must be strings, got {type(q).__name__}")
+            raise InvalidInputError(f"questions must be strings, got {type(q).__name__}")
     return questions
 
 

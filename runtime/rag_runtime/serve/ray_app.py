@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import threading
 
@@ -85,7 +84,9 @@ def app_builder(args: dict):
     limits = ServeLimits(**args.pop("limits", {}))
     key_var = args.pop("api_key_env", None)
     if key_var:
-        args["api_key"] = os.environ[key_var]
+        from .cli import _api_key
+
+        args["api_key"] = _api_key(key_var)
     return build_application(args.pop("export"), limits, **args)
 
 

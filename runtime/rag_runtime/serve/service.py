@@ -86,12 +86,20 @@ class Service:
     def validate_generation(self, params: dict) -> None:
         """The runtime's own validation of the request's generation options."""
         try:
-            self.pipeline.options(**params)
+            opts = self.pipeline.options(**params)
         except (UnknownOptionError, InvalidOptionError) as e:
             message = str(e).splitlines()[0]
             field = next((name for name in params if message.startswith(name) or f"({name}" in message
                           or f" {name} " in message), None)
             raise ApiError(422, "invalid_value", message, field) from None
+        # The caps bound the work actually done, defaults from the export included, not only what was sent.
+        passages = self.pipeline.generator.passages_needed(opts)
+        for name, value, cap in (("num_beams", opts.num_beams, "max_num_beams"),
+                                 ("num_return_sequences", opts.num_return_sequences, "max_num_beams"),
+                                 ("n_docs", passages, "max_n_docs"), ("max_length", opts.max_length, "max_length")):
+            if value > getattr(self.limits, cap):
+                raise ApiError(422, "limit_exceeded", f"'{name}' would be {value} (with the export's defaults), "
+                               f"over the server's {cap} ({getattr(self.limits, cap)})", name)
 
     def submit(self, operation: str, questions: list[str], params: dict, timeout_s: float) -> Job:
         """Queue the questions or refuse with 429 at once."""
