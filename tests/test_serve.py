@@ -256,6 +256,28 @@ def test_batcher_failure_fails_only_that_batch():
     assert batcher.consecutive_failures == 2
 
 
+def test_batcher_stop_answers_what_is_still_queued():
+    """Stopping (a drain that timed out, a failed start) fails queued jobs instead of leaving them hanging."""
+    from rag_runtime.serve.batcher import ShuttingDown
+
+    async def main():
+        def run_batch(op, questions, params):
+            time.sleep(0.3)
+            return list(questions)
+
+        batcher = Batcher(run_batch, ServeLimits(max_batch_size=1, max_wait_ms=0), ServeMetrics())
+        batcher.start()
+        jobs = [batcher.submit("generate", [q], {}, 10) for q in "abc"]
+        await asyncio.sleep(0.1)  # "a" is computing, "b" and "c" wait
+        await batcher.stop()
+        return await asyncio.gather(*(j.future for j in jobs), return_exceptions=True), batcher
+
+    results, batcher = asyncio.run(main())
+    # The batch in flight ("a") and the queued ones are all answered with ShuttingDown, none left waiting.
+    assert all(isinstance(r, ShuttingDown) for r in results), results
+    assert batcher.queued_questions == 0
+
+
 class _FailingOn:
     """The real pipeline, except that a batch holding ``trigger`` raises (an inference fault)."""
 

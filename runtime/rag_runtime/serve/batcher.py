@@ -31,6 +31,10 @@ class BatchFailed(Exception):
     """Inference raised for the batch the request was part of."""
 
 
+class ShuttingDown(Exception):
+    """The server stopped before the request was computed (a drain that timed out, a failed start)."""
+
+
 @dataclass(eq=False)
 class Job:
     """One request's questions in the queue.
@@ -82,6 +86,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self.inflight = 0
         self.consecutive_failures = 0
+        self._running: list[Job] = []  # the batch being computed
 
     @property
     def queued_questions(self) -> int:
@@ -98,10 +103,17 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        """Stop scheduling and release the worker thread (after the batch it is computing)."""
+        """Stop scheduling and release the worker thread (after the batch it is computing). Jobs not yet
+        answered (the batch cut short, the queue) get ``ShuttingDown`` rather than leaving clients hanging."""
+        unanswered = [*self._running, *self._queue]
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for job in unanswered:
+            if not job.future.done():
+                job.future.set_exception(ShuttingDown("the server stopped before answering this request"))
+        self._queue.clear()
+        self.metrics.queue_depth.set(0)
         self.executor.shutdown(wait=True)
 
     def submit(self, operation: str, questions: list[str], params: dict, timeout_s: float) -> Job:
@@ -172,6 +184,13 @@ class Batcher:
         return batch
 
     async def _execute(self, batch: list[Job]) -> None:
+        self._running = batch
+        try:
+            await self._compute(batch)
+        finally:
+            self._running = []
+
+    async def _compute(self, batch: list[Job]) -> None:
         questions = [q for job in batch for q in job.questions]
         op, params = batch[0].operation, batch[0].params
         start = time.monotonic()

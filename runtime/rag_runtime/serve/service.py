@@ -11,7 +11,7 @@ from starlette.requests import Request
 
 from ..errors import InvalidOptionError, UnknownOptionError
 from ..pipeline import RagPipeline
-from .batcher import Batcher, BatchFailed, DeadlineExceeded, Job, QueueFull
+from .batcher import Batcher, BatchFailed, DeadlineExceeded, Job, QueueFull, ShuttingDown
 from .limits import ServeLimits
 from .metrics import ServeMetrics
 from .validation import ApiError
@@ -126,6 +126,8 @@ class Service:
             raise ApiError(504, "deadline_exceeded", "not started within its deadline") from None
         except BatchFailed as e:
             raise ApiError(500, "inference_failed", str(e)) from None
+        except ShuttingDown as e:
+            raise ApiError(503, "shutting_down", str(e), headers={"Connection": "close"}) from None
         except asyncio.CancelledError:
             self.batcher.abandon(job, "disconnect")
             raise
