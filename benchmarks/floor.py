@@ -1,7 +1,8 @@
 """How far each runtime stage is from what this machine allows: GEMM throughput at the workload's shapes
 and memory bandwidth, measured here, against the runtime's own stage times.
 
-    python -m benchmarks.floor --workload base --questions 4     # BART-base dims, RAG-Token, 4 beams, 20 tokens
+    python -m benchmarks.floor --workload base --questions 4                    # RAG-Token, 4 beams, 20 tokens
+    python -m benchmarks.floor --workload base --kind sequence --questions 4    # RAG-Sequence (thorough)
 
 (a) onnxruntime MatMul throughput (GFLOP/s) at every GEMM shape the stages run, each a single-op ONNX
 graph with a constant weight (as in the exported graphs), input and output bound once, fastest of repeated
@@ -11,7 +12,10 @@ slowest GEMM rate, the RAG-Token head's exponentials at onnxruntime's Exp rate) 
 cross K/V read once) over the bandwidth. The runtime answers the same supplied contexts as
 ``benchmarks.peers`` (``generate_from_context``, 5 contexts, 4 beams, fixed length) with a
 :class:`~rag_runtime.StageTimer`; a second, profiled pass gives the LM head's kernel time, which the
-decoder call is split by. Writes ``benchmarks/results/<name>.json`` and ``.md``.
+decoder call is split by. ``--kind sequence`` runs thorough RAG-Sequence decoding on the same contexts
+instead: beam search per passage (the host takes the log-softmax), then every candidate teacher-forced
+against every passage (rescoring); each decoder call is attributed to its phase. Writes
+``benchmarks/results/<name>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +35,7 @@ import numpy as np
 from benchmarks.device import N_DOCS, contexts
 from benchmarks.peers import load_avg, prepare, workload_passages
 from benchmarks.run import QUESTIONS, RESULTS, WORKLOADS, _log
+from benchmarks.run import prepare as prepare_export
 
 BEAMS = 4
 F32 = 4
@@ -90,10 +96,11 @@ def bandwidth(mib: int = 512, repeats: int = 7) -> float:
     return 2 * src.nbytes / min(times) / 1e9
 
 
-def stage_work(dims: dict, src: int, rows: int) -> dict[str, dict]:
+def stage_work(dims: dict, src: int, rows: int, kind: str = "token") -> dict[str, dict]:
     """Per stage: GEMM shapes (m, k, n, count), extra (attention) FLOPs and bytes that must stream.
 
-    ``src`` is the padded context width, ``rows`` the decoder rows (contexts x beams)."""
+    ``src`` is the padded context width, ``rows`` the decoder rows (contexts x beams). After the decoder,
+    RAG-Token runs its head; RAG-Sequence's beam search takes a log-softmax per row on the host."""
     d, ffn, layers, vocab, ctx = dims["d_model"], dims["ffn"], dims["layers"], dims["vocab"], N_DOCS
     t = ctx * src
     enc_w = layers * (4 * d * d + 2 * d * ffn) + 2 * layers * d * d  # + every decoder layer's cross K/V projection
@@ -108,9 +115,25 @@ def stage_work(dims: dict, src: int, rows: int) -> dict[str, dict]:
             "extra_flops": layers * rows * 2 * 2 * src * d, "bytes": (dec_w + cross_kv) * F32},
         "LM head (one step)": {"gemms": [(rows, d, vocab, 1)], "extra_flops": 0, "bytes": d * vocab * F32},
         # log_softmax per passage row and the marginal's exp ([rows, vocab] each), log_softmax per beam.
-        "RAG-Token head (one step)": {"gemms": [], "extra_flops": 0, "bytes": 2 * rows * vocab * F32,
-                                      "exps": 2 * rows * vocab + BEAMS * vocab},
+        **({"RAG-Token head (one step)": {"gemms": [], "extra_flops": 0, "bytes": 2 * rows * vocab * F32,
+                                          "exps": 2 * rows * vocab + BEAMS * vocab}} if kind == "token" else
+           {"host log-softmax (one step)": {"gemms": [], "extra_flops": 0, "bytes": 2 * rows * vocab * F32,
+                                            "exps": rows * vocab}}),
     }
+
+
+def rescore_work(dims: dict, src: int, rows: int, length: int) -> dict:
+    """One passage's rescoring call: ``rows`` (candidates x length) teacher-forced tokens through the
+    decoder layers and the LM head against one passage's cross K/V, then the scorer's log-softmax."""
+    d, ffn, layers, vocab = dims["d_model"], dims["ffn"], dims["layers"], dims["vocab"]
+    attention = layers * rows * 2 * 2 * (length + src) * d  # self (causal, bounded by length) + cross
+    return {"gemms": [(rows, d, d, 6 * layers), (rows, d, ffn, layers), (rows, ffn, d, layers), (rows, d, vocab, 1)],
+            "extra_flops": attention, "exps": rows * vocab,
+            "bytes": (layers * (6 * d * d + 2 * d * ffn) + d * vocab + 2 * layers * src * d) * F32}
+
+
+def _compute_bound(work: dict) -> str:
+    return " + ".join(name for name, present in (("GEMM", work["gemms"]), ("exp", work.get("exps"))) if present)
 
 
 def floors(work: dict[str, dict], rates: dict[tuple, float], gbps: float, exps_per_s: float) -> dict[str, dict]:
@@ -125,52 +148,89 @@ def floors(work: dict[str, dict], rates: dict[tuple, float], gbps: float, exps_p
         gemm_s += w.get("exps", 0) / (exps_per_s * 1e9)
         bytes_s = w["bytes"] / (gbps * 1e9)
         out[stage] = {"compute_ms": gemm_s * 1e3, "bytes_ms": bytes_s * 1e3, "floor_ms": max(gemm_s, bytes_s) * 1e3,
-                      "bound": ("exp" if w.get("exps") else "GEMM") if gemm_s >= bytes_s else "memory", "gflop": sum(
+                      "bound": _compute_bound(w) if gemm_s >= bytes_s else "memory", "gflop": sum(
                           2.0 * m * k * n * c for m, k, n, c in w["gemms"]) / 1e9 + w["extra_flops"] / 1e9,
                       "mbytes": w["bytes"] / 1e6}
     return out
 
 
 class _Counted:
-    """A session that counts its runs (the decoder's calls are the decode steps)."""
+    """A session that counts and times its runs per phase: ``step`` (a decode step) unless the caller set
+    ``phase`` (RAG-Sequence's rescoring sets ``rescore``)."""
 
     def __init__(self, session):
-        self._session, self.calls = session, 0
+        self._session, self.phase = session, "step"
+        self.calls, self.seconds = Counter(), Counter()
 
     def run_with_iobinding(self, *args, **kwargs):
-        self.calls += 1
-        return self._session.run_with_iobinding(*args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return self._session.run_with_iobinding(*args, **kwargs)
+        finally:
+            self.calls[self.phase] += 1
+            self.seconds[self.phase] += time.perf_counter() - t0
 
     def __getattr__(self, name):
         return getattr(self._session, name)
 
 
+def _instrument(backend) -> list[tuple[int, int]]:
+    """Count the backend's decoder (and head) calls by phase; returns the list rescoring calls append their
+    candidate shapes (candidates, length) to."""
+    backend.decoder = _Counted(backend.decoder)
+    if backend.head is not None:
+        backend.head = _Counted(backend.head)
+    shapes, label_logprobs = [], backend.label_logprobs
+
+    def rescoring(state, sequences, labels):
+        backend.decoder.phase = "rescore"
+        shapes.append(sequences.shape)
+        try:
+            return label_logprobs(state, sequences, labels)
+        finally:
+            backend.decoder.phase = "step"
+
+    backend.label_logprobs = rescoring
+    return shapes
+
+
 def measure_runtime(export_dir: Path, inputs: list[tuple], params: dict, threads: int, rounds: int) -> dict:
-    """The runtime's stage times on the inputs: per question, and per decoder / head call."""
+    """The runtime's stage times on the inputs: per question, per decode step (decoder and head calls),
+    and per rescoring call (RAG-Sequence)."""
     from rag_runtime import RagPipeline, StageTimer
 
     pipe = RagPipeline.load(export_dir, threads=threads, timer=StageTimer())
     backend = pipe.generator.backend
-    backend.decoder, backend.head = _Counted(backend.decoder), _Counted(backend.head)
+    shapes = _instrument(backend)
     pipe.generate_from_context(*inputs[0], **params)  # warm-up
     pipe.timer.reset()
-    backend.decoder.calls = backend.head.calls = 0
+    shapes.clear()
+    for counted in (backend.decoder, backend.head):
+        if counted is not None:
+            counted.calls.clear()
+            counted.seconds.clear()
     lat = []
     for _ in range(rounds):
         for args in inputs:
             t0 = time.perf_counter()
             pipe.generate_from_context(*args, **params)
             lat.append(time.perf_counter() - t0)
-    tot, n = pipe.timer.totals, len(lat)
-    steps = backend.decoder.calls / n
-    return {
-        "question_p50_ms": float(np.median(lat)) * 1e3, "questions": n, "decode_steps_per_question": steps,
+    tot, n, dec = pipe.timer.totals, len(lat), backend.decoder
+    steps = dec.calls["step"]
+    measured = {
+        "question_p50_ms": float(np.median(lat)) * 1e3, "questions": n, "decode_steps_per_question": steps / n,
         "generator_encode_ms": tot["generator_encode"] * 1e3 / n,
         "encoder_graph_ms": tot["onnxruntime/generator_encoder"] * 1e3 / n,
-        "decoder_call_ms": tot["onnxruntime/generator_decoder"] * 1e3 / backend.decoder.calls,
-        "head_call_ms": tot["onnxruntime/rag_token_head"] * 1e3 / backend.head.calls,
+        "decoder_call_ms": dec.seconds["step"] * 1e3 / steps,
         "decode_ms": tot["decode"] * 1e3 / n,
     }
+    if pipe.kind == "token":
+        return {**measured, "head_call_ms": backend.head.seconds["step"] * 1e3 / backend.head.calls["step"]}
+    host = tot["decode"] - tot["rescore"] - dec.seconds["step"]
+    return {**measured, "host_per_step_ms": host * 1e3 / steps, "rescore_ms": tot["rescore"] * 1e3 / n,
+            "rescore_calls_per_question": len(shapes) / n, "rescore_call_ms": tot["rescore"] * 1e3 / len(shapes),
+            "rescore_rows_mean": statistics.fmean(c * length for c, length in shapes),
+            "candidate_length_mean": statistics.fmean(length for _, length in shapes)}
 
 
 def lm_head_kernel(export_dir: Path, inputs: list[tuple], params: dict, threads: int, vocab: int) -> dict:
@@ -214,8 +274,8 @@ def lm_head_kernel(export_dir: Path, inputs: list[tuple], params: dict, threads:
             "lm_head_ops": sorted({e["args"].get("op_name") for e in events if is_head(e)})}
 
 
-def _rows(measured: dict, fl: dict, lm_head_ms: float) -> list[tuple[str, float, float, str]]:
-    """(stage, measured ms, floor ms, bound) for the table."""
+def _token_rows(measured: dict, fl: dict, lm_head_ms: float) -> list[tuple[str, float, float, str]]:
+    """(stage, measured ms, floor ms, bound) for the RAG-Token table."""
     steps = measured["decode_steps_per_question"]
     dec, lm, head = fl["decoder layers (one step)"], fl["LM head (one step)"], fl["RAG-Token head (one step)"]
     call = measured["decoder_call_ms"]
@@ -232,6 +292,28 @@ def _rows(measured: dict, fl: dict, lm_head_ms: float) -> list[tuple[str, float,
     ]
 
 
+def _sequence_rows(measured: dict, fl: dict) -> list[tuple[str, float, float, str]]:
+    """(stage, measured ms, floor ms, bound) for the RAG-Sequence table."""
+    steps, calls = measured["decode_steps_per_question"], measured["rescore_calls_per_question"]
+    enc, dec, lm = fl["generator encode"], fl["decoder layers (one step)"], fl["LM head (one step)"]
+    host, rescore = fl["host log-softmax (one step)"], fl["rescore (one passage)"]
+    step_floor = dec["floor_ms"] + lm["floor_ms"]
+    question_floor = enc["floor_ms"] + steps * (step_floor + host["floor_ms"]) + calls * rescore["floor_ms"]
+    rows = round(measured["rescore_rows_mean"])
+    return [
+        ("generator encode (encoder graph, per question)", measured["encoder_graph_ms"], enc["floor_ms"],
+         enc["bound"]),
+        ("beam-search decoder call (one step: layers + LM head)", measured["decoder_call_ms"], step_floor,
+         f"{dec['bound']} + {lm['bound']}"),
+        ("host per beam-search step (log-softmax, search, bookkeeping)", measured["host_per_step_ms"],
+         host["floor_ms"], host["bound"]),
+        (f"rescore, one passage ({rows} teacher-forced rows: decoder, LM head, scorer)",
+         measured["rescore_call_ms"], rescore["floor_ms"], rescore["bound"]),
+        (f"question p50 (encode + {steps:.0f} steps + {calls:.0f} rescoring calls)", measured["question_p50_ms"],
+         question_floor, "sum of the stages"),
+    ]
+
+
 def markdown(report: dict) -> str:
     lines = [f"# {report['name']}", "", f"Command: `{report['command']}`", "",
              f"Machine: {report['machine']}; threads {report['threads']}; onnxruntime {report['onnxruntime']}", "",
@@ -241,9 +323,10 @@ def markdown(report: dict) -> str:
              f"over [rows, vocab]: {report['exp_gelem_per_s']:.2f} G elements/s", "",
              "| MatMul [m, k] x [k, n] | GFLOP/s |", "| --- | ---: |"]
     lines += [f"| [{r['m']}, {r['k']}] x [{r['k']}, {r['n']}] | {r['gflops']:.1f} |" for r in report["matmul"]]
-    lines += ["", f"LM head kernel per decoder call (onnxruntime profile of {report['profiled_calls']} calls, ops "
-                  f"{report['lm_head_ops']}): {report['lm_head_profiled_ms']:.1f} ms", "",
-              "| stage | measured ms | floor ms | bound | measured / floor |", "| --- | ---: | ---: | --- | ---: |"]
+    if "lm_head_profiled_ms" in report:
+        lines += ["", f"LM head kernel per decoder call (onnxruntime profile of {report['profiled_calls']} calls, "
+                      f"ops {report['lm_head_ops']}): {report['lm_head_profiled_ms']:.1f} ms"]
+    lines += ["", "| stage | measured ms | floor ms | bound | measured / floor |", "| --- | ---: | ---: | --- | ---: |"]
     lines += [f"| {s} | {m:.1f} | {f:.1f} | {b} | {m / f:.2f}x |" for s, m, f, b in report["table"]]
     lines += ["", "Floors per stage:", "", "| stage | GFLOP | MB streamed | compute ms | bytes ms |",
               "| --- | ---: | ---: | ---: | ---: |"]
@@ -252,57 +335,78 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _workload(workload: str, kind: str) -> tuple[Path, dict, dict]:
+    """The fp32 export the stages run, the generator's dims, and the generation parameters."""
+    if kind == "token":
+        ckpt, exports = prepare(workload)
+        export_dir = exports["rag_runtime fp32"]
+    else:
+        ckpt, export_dir = prepare_export(workload, "sequence", "bart")
+    g = json.loads((ckpt / "config.json").read_text())["generator"]
+    dims = {"d_model": g["d_model"], "ffn": g["decoder_ffn_dim"], "layers": g["decoder_layers"], "vocab": g["vocab_size"]}
+    n = WORKLOADS[workload]["answer_tokens"] + 1
+    params = dict(n_docs=N_DOCS, num_beams=BEAMS, num_return_sequences=1, max_length=n, min_length=n,
+                  no_repeat_ngram_size=0, length_penalty=1.0, early_stopping=True)
+    return export_dir, dims, params
+
+
+def _inputs(export_dir: Path, workload: str, questions: int, threads: int) -> list[tuple]:
+    """Per question, the supplied contexts (``benchmarks.device.contexts``) the stages run on."""
+    from rag_runtime import RagPipeline
+
+    texts = [q for q in QUESTIONS.read_text().splitlines() if q.strip()][:questions]
+    contextualizer = RagPipeline.load(export_dir, threads=threads)
+    corpus = workload_passages(workload)
+    return [contexts(contextualizer, [q], seed=i, corpus=corpus) for i, q in enumerate(texts)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="tiny")
+    p.add_argument("--kind", choices=["token", "sequence"], default="token")
     p.add_argument("--questions", type=int, default=4)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--name", default=None, help="results file stem (default floor-<workload>)")
+    p.add_argument("--name", default=None, help="results file stem (default floor-<workload>[-sequence])")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import onnxruntime
 
-    ckpt, exports = prepare(args.workload)
-    export_dir = exports["rag_runtime fp32"]
-    g = json.loads((ckpt / "config.json").read_text())["generator"]
-    dims = {"d_model": g["d_model"], "ffn": g["decoder_ffn_dim"], "layers": g["decoder_layers"], "vocab": g["vocab_size"]}
-    n = WORKLOADS[args.workload]["answer_tokens"] + 1
-    params = dict(n_docs=N_DOCS, num_beams=BEAMS, num_return_sequences=1, max_length=n, min_length=n,
-                  no_repeat_ngram_size=0, length_penalty=1.0, early_stopping=True)
-    from rag_runtime import RagPipeline
-
-    questions = [q for q in QUESTIONS.read_text().splitlines() if q.strip()][: args.questions]
-    contextualizer = RagPipeline.load(export_dir, threads=args.threads)
-    corpus = workload_passages(args.workload)
-    inputs = [contexts(contextualizer, [q], seed=i, corpus=corpus) for i, q in enumerate(questions)]
-    del contextualizer
+    export_dir, dims, params = _workload(args.workload, args.kind)
+    inputs = _inputs(export_dir, args.workload, args.questions, args.threads)
     src = round(statistics.fmean(int(m.sum(axis=1).max()) for _, m, _ in inputs))
     start = load_avg()
-    _log(f"load average {start:.2f}; measuring bandwidth and MatMul rates")
+    _log(f"load average {start:.2f}; measuring the runtime")
+    measured = measure_runtime(export_dir, inputs, params, args.threads, args.rounds)
+    _log("measuring bandwidth and MatMul rates")
     gbps = bandwidth()
-    work = stage_work(dims, src, N_DOCS * BEAMS)
+    work = stage_work(dims, src, N_DOCS * BEAMS, args.kind)
+    if args.kind == "sequence":
+        work["rescore (one passage)"] = rescore_work(dims, src, round(measured["rescore_rows_mean"]),
+                                                     round(measured["candidate_length_mean"]))
     shapes = sorted({(m, k, nn) for w in work.values() for m, k, nn, _ in w["gemms"]})
     rates = {s: matmul_rate(*s, threads=args.threads) for s in shapes}
     exps = exp_rate(N_DOCS * BEAMS, dims["vocab"], args.threads)
-    _log("measuring the runtime")
-    measured = measure_runtime(export_dir, inputs, params, args.threads, args.rounds)
-    profile = lm_head_kernel(export_dir, inputs[:2], params, args.threads, dims["vocab"])
     fl = floors(work, rates, gbps, exps)
+    if args.kind == "token":
+        profile = lm_head_kernel(export_dir, inputs[:2], params, args.threads, dims["vocab"])
+        table = _token_rows(measured, fl, profile["lm_head_profiled_ms"])
+    else:
+        profile, table = {}, _sequence_rows(measured, fl)
+    name = "RAG-Token generate_from_context" if args.kind == "token" else "RAG-Sequence (thorough) generate_from_context"
     report = {
-        "name": args.name or f"floor-{args.workload}",
+        "name": args.name or f"floor-{args.workload}" + ("-sequence" if args.kind == "sequence" else ""),
         "command": "python -m benchmarks.floor " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": args.threads,
         "onnxruntime": onnxruntime.__version__, "load_avg_start": start, "load_avg_end": load_avg(),
-        "workload": f"{args.workload} BART generator fp32 export, RAG-Token generate_from_context, {N_DOCS} contexts "
-                    f"padded to {src} tokens (mean), {BEAMS} beams ({N_DOCS * BEAMS} decoder rows), {n - 1} new "
-                    f"tokens, {len(inputs)} questions x {args.rounds} rounds, dims {dims}",
+        "workload": f"{args.workload} BART generator fp32 export, {name}, {N_DOCS} contexts padded to {src} tokens "
+                    f"(mean), {BEAMS} beams ({N_DOCS * BEAMS} decoder rows), {params['max_length'] - 1} new tokens, "
+                    f"{len(inputs)} questions x {args.rounds} rounds, dims {dims}",
         "bandwidth_gbps": gbps, "exp_gelem_per_s": exps,
         "matmul": [{"m": m, "k": k, "n": nn, "gflops": r} for (m, k, nn), r in rates.items()],
-        "measured": measured, **profile, "floors": fl,
-        "table": _rows(measured, fl, profile["lm_head_profiled_ms"]),
+        "measured": measured, **profile, "floors": fl, "table": table,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / report["name"]

@@ -35,3 +35,23 @@ def test_device_benchmark_without_faiss_or_datasets(tmp_path):
             if name.startswith("runtime"):
                 assert 0 < side["host_ms_per_step"] < side["decode_step_ms"]
     assert "| runtime-fp16 |" in (tmp_path / "results" / "smoke.md").read_text()
+
+
+def test_floor_benchmark_reports_every_stage_above_its_floor(tmp_path, monkeypatch):
+    """Both kinds at tiny size: every stage is measured, has a positive floor, and a question never beats the
+    sum of its stages' floors (a floor the runtime beats would be a wrong floor)."""
+    from benchmarks import floor, peers, run
+
+    monkeypatch.setattr(run, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(peers, "CACHE", tmp_path / "cache")
+    for kind, stages in (("token", 6), ("sequence", 5)):
+        assert floor.main(["--workload", "tiny", "--kind", kind, "--questions", "1",
+                           "--out", str(tmp_path), "--name", kind]) == 0
+        report = json.loads((tmp_path / f"{kind}.json").read_text())
+        assert len(report["table"]) == stages
+        for stage, measured, floor_ms, _bound in report["table"]:
+            assert measured > 0 and floor_ms > 0, stage
+        question, measured, floor_ms, _ = report["table"][-1]
+        assert question.startswith("question p50") and measured > floor_ms
+    assert report["measured"]["rescore_calls_per_question"] == 5  # one per passage
+    assert "rescore, one passage" in (tmp_path / "sequence.md").read_text()
