@@ -37,7 +37,7 @@ def export_checkpoint(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool
     with step(logger, "writing tokenizers"):
         tokenizers = _write_tokenizers(ctx)
     index = _export_index(ckpt, out) if include_index else None
-    return build_manifest(ctx, [e.spec for e in entries], tokenizers, opset=opset, precision=reduced or "fp32",
+    return build_manifest(ctx, [ctx.spec(e) for e in entries], tokenizers, opset=opset, precision=reduced or "fp32",
                           optimized=optimize, validation=validation, index=index)
 
 
@@ -45,7 +45,7 @@ def export_context_encoder_only(source: str, out: Path, *, opset: int, validate:
     ctx = ExportContext(out=out, context_encoder=_load_context_encoder(source))
     entries = [e for e in GRAPHS if e.applies(ctx)]
     validation = _build_graphs(ctx, entries, opset, validate, tol, optimize=False, reduced=None)
-    return build_manifest(ctx, [e.spec for e in entries], _write_tokenizers(ctx), opset=opset, validation=validation)
+    return build_manifest(ctx, [ctx.spec(e) for e in entries], _write_tokenizers(ctx), opset=opset, validation=validation)
 
 
 def _build_graphs(ctx: ExportContext, entries: list[GraphEntry], opset: int, validate: bool, tol: Tolerance,
@@ -56,7 +56,7 @@ def _build_graphs(ctx: ExportContext, entries: list[GraphEntry], opset: int, val
     for entry in entries:
         with step(logger, f"exporting {entry.spec.name}"):
             module = modules[entry.spec.name] = entry.module(ctx).eval()
-            trace(module, entry.spec, entry.sample_inputs(ctx, module), ctx.out, opset)
+            trace(module, ctx.spec(entry), entry.sample_inputs(ctx, module), ctx.out, opset)
     if optimize:
         with step(logger, "optimizing graphs (onnxruntime transformer fusions)"):
             for entry in entries:

@@ -63,7 +63,9 @@ def validate_generator_decoder(encoder_path, decoder_path, generator, dims: Deco
     on, the beams of each context swap places through ``beam_idx`` (the cache reorder)."""
     enc, dec = _session(encoder_path), _session(decoder_path)
     ids, mask = _sample_ids(dims.vocab, 2, 11, seed=2)
-    _, keys, values = enc.run(None, {C.INPUT_IDS: ids.numpy(), C.ATTENTION_MASK: mask.numpy()})
+    cross = enc.run(None, {C.INPUT_IDS: ids.numpy(), C.ATTENTION_MASK: mask.numpy()})[1:]
+    cross_names = C.per_layer(C.CROSS_KEYS, dims.layers) + C.per_layer(C.CROSS_VALUES, dims.layers)
+    past_names = C.per_layer(C.PAST_KEYS, dims.layers) + C.per_layer(C.PAST_VALUES, dims.layers)
     rows = ids.shape[0] * beams
     g = torch.Generator().manual_seed(3)
     dec_ids = torch.randint(5, max(6, min(dims.vocab, 30000)), (rows, steps), generator=g)
@@ -72,19 +74,19 @@ def validate_generator_decoder(encoder_path, decoder_path, generator, dims: Deco
         ref_logits = generator(input_ids=ids.repeat_interleave(beams, 0),
                                attention_mask=mask.repeat_interleave(beams, 0),
                                decoder_input_ids=dec_ids).logits.numpy()
-    kv_dtype = next(i.type for i in dec.get_inputs() if i.name == C.PAST_KEYS)
-    past_k = past_v = np.zeros((dims.layers, rows, dims.heads, 0, dims.head_dim),
-                               dtype=np.float16 if kv_dtype == "tensor(float16)" else np.float32)
+    kv_dtype = next(i.type for i in dec.get_inputs() if i.name == past_names[0])
+    past = [np.zeros((rows, dims.heads, 0, dims.head_dim), dtype=np.float16 if kv_dtype == "tensor(float16)"
+                     else np.float32)] * len(past_names)
     order = np.arange(rows)  # decoder row i continues reference row order[i]
     swap = np.arange(rows).reshape(-1, beams)[:, ::-1].reshape(-1)
     got, want = [], []
     for t in range(steps):
         beam_idx = swap if t >= 2 else np.arange(rows)
         order = order[beam_idx]
-        logits, past_k, past_v = dec.run(None, {
-            C.DECODER_INPUT_IDS: dec_ids[order, t : t + 1].numpy(), C.PAST_KEYS: past_k, C.PAST_VALUES: past_v,
-            C.BEAM_IDX: beam_idx, C.CROSS_KEYS: keys, C.CROSS_VALUES: values,
-            C.ENCODER_ATTENTION_MASK: mask.numpy(),
+        logits, *past = dec.run(None, {
+            C.DECODER_INPUT_IDS: dec_ids[order, t : t + 1].numpy(), C.BEAM_IDX: beam_idx,
+            C.ENCODER_ATTENTION_MASK: mask.numpy(), **dict(zip(past_names, past, strict=True)),
+            **dict(zip(cross_names, cross, strict=True)),
         })
         if logits.shape != (rows, 1, dims.vocab):
             raise ValidationError(C.GENERATOR_DECODER, f"{C.LOGITS}[step {t}]",

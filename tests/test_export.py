@@ -63,7 +63,10 @@ def test_typed_manifest_reads_every_field_back(bundles, kind, generator, tmp_pat
     assert manifest.to_dict() == raw
     manifest.save(tmp_path)
     assert json.loads((tmp_path / C.MANIFEST_FILE).read_text()) == raw
-    assert manifest.graph(C.GENERATOR_DECODER).dtype(C.PRESENT_KEYS) == manifest.decoder.kv_dtype == "float32"
+    layers = manifest.decoder.layers
+    present = C.per_layer(C.PRESENT_KEYS, layers) + C.per_layer(C.PRESENT_VALUES, layers)
+    assert {manifest.graph(C.GENERATOR_DECODER).dtype(name) for name in present} == {manifest.decoder.kv_dtype}
+    assert manifest.decoder.kv_dtype == "float32"
     broken = {k: v for k, v in raw.items() if k != "graphs"}
     (tmp_path / C.MANIFEST_FILE).write_text(json.dumps(broken))
     with pytest.raises(ArtifactError, match="corrupted: manifest lacks graphs"):
@@ -229,7 +232,9 @@ def test_fp16_export_keeps_sensitive_ops_in_fp32_records_drift_and_serves(work_d
     assert logits["decisions"]["rows"] == 20  # how often fp16 keeps the top-k tokens: reported, not enforced
     io = {i["name"]: i["dtype"] for i in manifest["graphs"]["generator_decoder"]["inputs"]
           + manifest["graphs"]["generator_decoder"]["outputs"]}
-    assert io[C.PAST_KEYS] == io[C.PRESENT_KEYS] == io[C.CROSS_KEYS] == "float16" and io[C.LOGITS] == "float32"
+    per_layer = [io[f"{name}.{i}"] for name in (C.PAST_KEYS, C.PRESENT_KEYS, C.CROSS_KEYS, C.CROSS_VALUES)
+                 for i in range(manifest["decoder"]["layers"])]
+    assert set(per_layer) == {"float16"} and io[C.LOGITS] == "float32"
 
     model = onnx.load(str(out / C.GENERATOR_DECODER_FILE))
     fp16 = onnx.TensorProto.FLOAT16

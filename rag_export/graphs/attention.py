@@ -56,13 +56,23 @@ def folded_cross_attention(q, k, v, enc_bias, scale: float | None) -> torch.Tens
     return out.reshape(enc_rows, heads, beams, t, dim).transpose(1, 2).reshape(rows, heads, t, dim)
 
 
-class StepCache:
-    """The self-attention cache of one decoder call: the past rows reordered by ``beam_idx`` (row ``i``
-    continues past row ``beam_idx[i]``), each layer's new keys and values appended to them."""
+def split_layers(tensors: tuple[torch.Tensor, ...], layers: int) -> tuple[list[torch.Tensor], ...]:
+    """The decoder graph's per-layer inputs, in the spec's order: past keys, past values, cross keys and
+    cross values, one list of ``layers`` tensors each."""
+    if len(tensors) != 4 * layers:
+        raise TypeError(f"the decoder takes 4 x {layers} per-layer tensors, got {len(tensors)}")
+    return tuple(list(tensors[i * layers : (i + 1) * layers]) for i in range(4))
 
-    def __init__(self, past_keys: torch.Tensor, past_values: torch.Tensor, beam_idx: torch.Tensor, heads: int):
-        self._past_k, self._past_v = past_keys.index_select(1, beam_idx), past_values.index_select(1, beam_idx)
-        self.past_len = self._past_k.shape[3]
+
+class StepCache:
+    """The self-attention cache of one decoder call: each layer's past rows reordered by ``beam_idx`` (row
+    ``i`` continues past row ``beam_idx[i]``), its new keys and values appended to them."""
+
+    def __init__(self, past_keys: list[torch.Tensor], past_values: list[torch.Tensor], beam_idx: torch.Tensor,
+                 heads: int):
+        self._past_k = [k.index_select(0, beam_idx) for k in past_keys]
+        self._past_v = [v.index_select(0, beam_idx) for v in past_values]
+        self.past_len = past_keys[0].shape[2]
         self._heads = heads
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
@@ -75,6 +85,6 @@ class StepCache:
         self._values.append(v)
         return k, v
 
-    def present(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's keys and values, stacked: the graph's ``present_keys`` and ``present_values``."""
-        return torch.stack(self._keys), torch.stack(self._values)
+    def present(self) -> tuple[torch.Tensor, ...]:
+        """Every layer's keys, then every layer's values: the graph's ``present_keys.*``, ``present_values.*``."""
+        return (*self._keys, *self._values)

@@ -72,7 +72,7 @@ class BartDecoderGraph(nn.Module):
         self.embed_scale = float(dec.embed_scale) if layout.decoder_scales_embeddings else None
         self.register_buffer("final_logits_bias", generator.final_logits_bias.clone(), persistent=False)
         dims = bart_dims(generator.config)
-        self.heads = dims.heads
+        self.heads, self.layers = dims.heads, dims.layers
         self.scale = dims.head_dim**-0.5
 
     def _embed(self, decoder_input_ids: torch.Tensor, past_len) -> torch.Tensor:
@@ -90,8 +90,8 @@ class BartDecoderGraph(nn.Module):
             return h + body(norm(h))
         return norm(h + body(h))
 
-    def forward(self, decoder_input_ids, past_keys, past_values, beam_idx, cross_keys, cross_values,
-                encoder_attention_mask):
+    def forward(self, decoder_input_ids, beam_idx, encoder_attention_mask, *layer_tensors):
+        past_keys, past_values, cross_keys, cross_values = A.split_layers(layer_tensors, self.layers)
         cache = A.StepCache(past_keys, past_values, beam_idx, self.heads)
         h = self._embed(decoder_input_ids, cache.past_len)
         self_bias = A.causal_bias(cache.past_len, decoder_input_ids.shape[1], h.dtype)

@@ -62,6 +62,10 @@ class ExportContext:
     def path(self, spec: GraphSpec) -> Path:
         return self.out / spec.file
 
+    def spec(self, entry: GraphEntry) -> GraphSpec:
+        """The entry's spec with its per-layer IO expanded to this generator's decoder layers."""
+        return entry.spec.resolve(self.dims.layers if self.dims else 0)
+
 
 @dataclass(frozen=True)
 class GraphEntry:
@@ -107,9 +111,9 @@ def _decoder_samples(ctx: ExportContext, module: nn.Module) -> tuple:
     d = ctx.dims
     ids, mask = sample_ids(d.vocab, 2, 9)
     with torch.no_grad():
-        _, keys, values = GeneratorEncoderGraph(ctx.generator, ctx.family).eval()(ids, mask)
-    past = torch.zeros(d.layers, 4, d.heads, 3, d.head_dim)
-    return torch.randint(5, 50, (4, 1)), past, past, torch.tensor([1, 0, 3, 2]), keys, values, mask
+        cross = GeneratorEncoderGraph(ctx.generator, ctx.family).eval()(ids, mask)[1:]
+    past = [torch.zeros(4, d.heads, 3, d.head_dim) for _ in range(2 * d.layers)]
+    return torch.randint(5, 50, (4, 1)), torch.tensor([1, 0, 3, 2]), mask, *past, *cross
 
 
 QUESTION_ENCODER = GraphEntry(

@@ -28,7 +28,7 @@ class T5DecoderGraph(nn.Module):
         self.decoder = generator.decoder
         self.lm_head = generator.lm_head
         cfg = generator.config
-        self.heads = cfg.num_heads
+        self.heads, self.layers = cfg.num_heads, cfg.num_decoder_layers
         scaled = getattr(cfg, "scale_decoder_outputs", cfg.tie_word_embeddings)
         self.output_scale = cfg.d_model**-0.5 if scaled else None
         self.relative = self.decoder.block[0].layer[0].SelfAttention
@@ -44,8 +44,8 @@ class T5DecoderGraph(nn.Module):
         bias = rel.relative_attention_bias(buckets).permute(2, 0, 1)[None]
         return bias + A.causal_bias(past_len, new_len, dtype)
 
-    def forward(self, decoder_input_ids, past_keys, past_values, beam_idx, cross_keys, cross_values,
-                encoder_attention_mask):
+    def forward(self, decoder_input_ids, beam_idx, encoder_attention_mask, *layer_tensors):
+        past_keys, past_values, cross_keys, cross_values = A.split_layers(layer_tensors, self.layers)
         cache = A.StepCache(past_keys, past_values, beam_idx, self.heads)
         dec = self.decoder
         h = dec.embed_tokens(decoder_input_ids)

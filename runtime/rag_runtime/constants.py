@@ -4,7 +4,8 @@ The exporter writes these into ``manifest.json`` and the runtime reads them back
 side retypes a name.
 """
 
-FORMAT_VERSION = 2  # 2: decoder takes beam_idx; rag_token_head graph
+# 2: decoder takes beam_idx; rag_token_head graph. 3: cross K/V and the KV cache travel per layer.
+FORMAT_VERSION = 3
 
 MANIFEST_FILE = "manifest.json"
 
@@ -43,6 +44,8 @@ ATTENTION_MASK = "attention_mask"
 QUESTION_EMBEDDING = "question_embedding"
 PASSAGE_EMBEDDING = "passage_embedding"
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+# Per decoder layer (``cross_keys.0``, ``cross_keys.1``, ...: see :func:`per_layer`), so that no graph
+# slices a layer out of a stacked tensor (a copy per layer and step in onnxruntime).
 CROSS_KEYS = "cross_keys"
 CROSS_VALUES = "cross_values"
 DECODER_INPUT_IDS = "decoder_input_ids"
@@ -53,6 +56,7 @@ BEAM_IDX = "beam_idx"
 LOGITS = "logits"
 PRESENT_KEYS = "present_keys"
 PRESENT_VALUES = "present_values"
+PER_LAYER = (CROSS_KEYS, CROSS_VALUES, PAST_KEYS, PAST_VALUES, PRESENT_KEYS, PRESENT_VALUES)
 
 # RAG-Token head (marginalization + beam candidates).
 DOC_LOGPRIOR = "doc_logprior"
@@ -66,3 +70,8 @@ TOP_IDS = "top_ids"
 LABELS = "labels"
 LABEL_LOGPROBS = "label_logprobs"
 LOGPROB_SUMS = "logprob_sums"
+
+
+def per_layer(name: str, layers: int) -> list[str]:
+    """The graph IO names of a per-layer tensor: ``name.0`` ... ``name.{layers - 1}``."""
+    return [f"{name}.{i}" for i in range(layers)]

@@ -68,11 +68,11 @@ class _Device:
 
 @dataclass
 class EncoderState:
-    """Cross-attention K/V [layers, enc_rows, heads, src, head_dim] and the source mask [enc_rows, src],
-    as onnxruntime values on the session's device (``mask`` also on the host, for shapes)."""
+    """Every layer's cross-attention keys, then every layer's values (each [enc_rows, heads, src, head_dim]),
+    and the source mask [enc_rows, src], as onnxruntime values on the session's device (``mask`` also on
+    the host, for shapes)."""
 
-    keys: object
-    values: object
+    cross: list
     mask_value: object
     mask: np.ndarray
 
@@ -83,8 +83,7 @@ class DecodeSession:
 
     state: EncoderState
     rows: int
-    past_keys: object = None  # OrtValue once the first step has run
-    past_values: object = None
+    past: list | None = None  # every layer's keys, then values (OrtValues) once the first step has run
     beam_idx: np.ndarray | None = None
 
 
@@ -103,26 +102,28 @@ class OnnxGenerator:
         self.encoder, self.decoder, self.head, self.scorer, self.dims = encoder, decoder, head, scorer, dims
         self.vocab = int(dims.vocab)
         self._device = _Device(device)
+        layers = dims.layers
+        self._cross_names = C.per_layer(C.CROSS_KEYS, layers) + C.per_layer(C.CROSS_VALUES, layers)
+        self._past_names = C.per_layer(C.PAST_KEYS, layers) + C.per_layer(C.PAST_VALUES, layers)
+        self._present_names = C.per_layer(C.PRESENT_KEYS, layers) + C.per_layer(C.PRESENT_VALUES, layers)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncoderState:
         io = self.encoder.io_binding()
         io.bind_cpu_input(C.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         io.bind_cpu_input(C.ATTENTION_MASK, mask)
-        for name in (C.CROSS_KEYS, C.CROSS_VALUES):
+        for name in self._cross_names:
             io.bind_output(name, self._device.name, self._device.id)
         self.encoder.run_with_iobinding(io)
-        keys, values = io.get_outputs()
-        return EncoderState(keys, values, self._device.value(mask), mask)
+        return EncoderState(io.get_outputs(), self._device.value(mask), mask)
 
     def select(self, state: EncoderState, rows: np.ndarray) -> EncoderState:
         value = self._device.value
-        return EncoderState(value(state.keys.numpy()[:, rows]), value(state.values.numpy()[:, rows]),
-                            value(state.mask[rows]), state.mask[rows])
+        return EncoderState([value(kv.numpy()[rows]) for kv in state.cross], value(state.mask[rows]), state.mask[rows])
 
     def _empty_past(self, rows: int) -> np.ndarray:
         d = self.dims
-        return np.zeros((d.layers, rows, d.heads, 0, d.head_dim), dtype=d.kv_dtype)
+        return np.zeros((rows, d.heads, 0, d.head_dim), dtype=d.kv_dtype)
 
     def start(self, state: EncoderState, beams: int) -> DecodeSession:
         return DecodeSession(state, state.mask.shape[0] * beams)
@@ -131,25 +132,25 @@ class OnnxGenerator:
         """One decoder call; advances the session's cache; returns the bound logits value."""
         io = self.decoder.io_binding()
         io.bind_cpu_input(C.DECODER_INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
-        if session.past_keys is None:
+        if session.past is None:
             empty = self._empty_past(session.rows)
-            io.bind_cpu_input(C.PAST_KEYS, empty)
-            io.bind_cpu_input(C.PAST_VALUES, empty)
+            for name in self._past_names:
+                io.bind_cpu_input(name, empty)
         else:
-            io.bind_ortvalue_input(C.PAST_KEYS, session.past_keys)
-            io.bind_ortvalue_input(C.PAST_VALUES, session.past_values)
+            for name, value in zip(self._past_names, session.past, strict=True):
+                io.bind_ortvalue_input(name, value)
         beam_idx = session.beam_idx if session.beam_idx is not None else np.arange(session.rows, dtype=np.int64)
         io.bind_cpu_input(C.BEAM_IDX, beam_idx)
         state = session.state
-        io.bind_ortvalue_input(C.CROSS_KEYS, state.keys)
-        io.bind_ortvalue_input(C.CROSS_VALUES, state.values)
+        for name, value in zip(self._cross_names, state.cross, strict=True):
+            io.bind_ortvalue_input(name, value)
         io.bind_ortvalue_input(C.ENCODER_ATTENTION_MASK, state.mask_value)
         dev = self._device
         io.bind_output(C.LOGITS, "cpu" if logits_on_host else dev.name, 0 if logits_on_host else dev.id)
-        io.bind_output(C.PRESENT_KEYS, dev.name, dev.id)
-        io.bind_output(C.PRESENT_VALUES, dev.name, dev.id)
+        for name in self._present_names:
+            io.bind_output(name, dev.name, dev.id)
         self.decoder.run_with_iobinding(io)
-        logits, session.past_keys, session.past_values = io.get_outputs()
+        logits, *session.past = io.get_outputs()
         session.beam_idx = None
         return logits
 
