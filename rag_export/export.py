@@ -150,7 +150,21 @@ def trace(module, spec, args: tuple, out_dir: Path, opset: int) -> Path:
             module, args, str(path), input_names=list(spec.inputs), output_names=list(spec.outputs),
             dynamic_axes=spec.dynamic_axes(), opset_version=opset, dynamo=False, do_constant_folding=True,
         )
+    _check_io_names(path, spec)
     return path
+
+
+def _check_io_names(path: Path, spec) -> None:
+    """The tracer drops inputs the module never reads and names the rest positionally: a module that
+    ignores one input would get every later name wrong. Refuse that instead of writing a misnamed graph."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    got = [v.name for v in model.graph.input], [v.name for v in model.graph.output]
+    if got != (list(spec.inputs), list(spec.outputs)):
+        missing = [n for n in (*spec.inputs, *spec.outputs) if n not in (*got[0], *got[1])]
+        raise ExportError(f"the traced {spec.name} graph does not have the IO its spec declares (missing or "
+                          f"renamed: {', '.join(missing) or 'order differs'}): its module ignores an input")
 
 
 __all__ = ["DEFAULT_ATOL", "DEFAULT_OPSET", "DEFAULT_RTOL", "export", "export_context_encoder", "staging_dir"]

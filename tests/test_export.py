@@ -266,3 +266,19 @@ def test_precision_arguments(work_dir, tmp_path):
 def test_unsupported_quantization(work_dir, tmp_path):
     with pytest.raises(ExportError, match="supported are: int8"):
         export(str(build_checkpoint(work_dir, "token", "bart")), tmp_path / "q", quantize="int4")
+
+
+def test_trace_refuses_a_module_that_ignores_an_input(tmp_path):
+    """The tracer would drop the unread input and give its name to the next one: the export must refuse."""
+    import torch
+
+    from rag_export.export import trace
+    from rag_export.graphs import GraphSpec
+
+    class IgnoresFirst(torch.nn.Module):
+        def forward(self, a, b, c):
+            return b + c
+
+    spec = GraphSpec(name="probe", file="probe.onnx", inputs={"a": ["n"], "b": ["n"], "c": ["n"]}, outputs={"y": ["n"]})
+    with pytest.raises(ExportError, match=r"probe graph does not have the IO its spec declares .*: its module ignores"):
+        trace(IgnoresFirst(), spec, (torch.ones(2), torch.ones(2), torch.ones(2)), tmp_path, 17)
