@@ -51,9 +51,9 @@ class SearchSettings:
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=-1, keepdims=True)
-    shifted = x - m
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    shifted = x - x.max(axis=-1, keepdims=True)
+    shifted -= np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # in place: a [rows, vocab] copy fewer
+    return shifted
 
 
 def topk(x: np.ndarray, k: int) -> np.ndarray:
@@ -64,7 +64,8 @@ def topk(x: np.ndarray, k: int) -> np.ndarray:
     """
     if x.shape[-1] <= 4 * k:
         return np.argsort(-x, axis=-1, kind="stable")[:, :k]
-    part = np.argpartition(-x, k - 1, axis=-1)[:, :k]
+    n = x.shape[-1]
+    part = np.argpartition(x, n - k, axis=-1)[:, n - k :]  # the k largest (no negated copy of a wide row)
     part.sort(axis=-1)  # index order, so the stable sort below breaks ties by index
     order = np.argsort(-np.take_along_axis(x, part, axis=-1), axis=-1, kind="stable")
     return np.take_along_axis(part, order, axis=-1)
@@ -101,7 +102,7 @@ def host_candidates(step: Step, proc: P.ProcessorSettings) -> Candidates:
     """Candidates from full logits on the host: log_softmax, processors, running scores, top-k."""
 
     def candidates(flat: np.ndarray, running_scores: np.ndarray, keep: int):
-        log_probs = P.apply(proc, flat, log_softmax(step(flat).astype(np.float32)))
+        log_probs = P.apply(proc, flat, log_softmax(step(flat).astype(np.float32, copy=False)))
         batch, k = running_scores.shape
         vocab = log_probs.shape[-1]
         acc = (log_probs.reshape(batch, k, vocab) + running_scores[:, :, None]).reshape(batch, k * vocab)
