@@ -74,6 +74,7 @@ def test_overlong_question_is_truncated(bundles, caplog):
     (dict(forced_bos_token_id=10**6), ValueError, "forced_bos_token_id must hold token ids"),
     (dict(forced_eos_token_id=-5), ValueError, "forced_eos_token_id must hold token ids"),
     (dict(n_docs=500), ValueError, "the knowledge index has 320"),
+    (dict(max_length=5000), ValueError, "max_length 5000 exceeds the generator's 1024 decoder positions"),
 ])
 def test_invalid_generation_parameters(bundles, kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -50,7 +50,7 @@ def bart_dims(cfg) -> DecoderDims:
     """Decoder dimensions of a BART-like config."""
     heads = cfg.decoder_attention_heads
     return DecoderDims(layers=cfg.decoder_layers, heads=heads, head_dim=cfg.d_model // heads, d_model=cfg.d_model,
-                       vocab=cfg.vocab_size)
+                       vocab=cfg.vocab_size, max_positions=cfg.max_position_embeddings)
 
 
 def _cross_projections(generator: nn.Module) -> list[tuple[nn.Module, nn.Module]]:

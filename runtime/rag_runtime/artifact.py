@@ -55,6 +55,7 @@ class DecoderDims:
     d_model: int
     vocab: int
     kv_dtype: str = "float32"
+    max_positions: int | None = None  # the decoder's position table; None: unbounded (T5's relative buckets)
 
 
 @dataclass

@@ -36,6 +36,10 @@ class AnswerGenerator:
         """Validated options: ``kwargs`` over the export's defaults."""
         opts = GenerationOptions.from_kwargs(**kwargs).resolved(self._defaults, self._rag, self.kind)
         opts.check_token_ids(self.backend.vocab)
+        positions = self.backend.dims.max_positions
+        if positions is not None and opts.max_length > positions:
+            raise InvalidOptionError(f"max_length {opts.max_length} exceeds the generator's {positions} decoder "
+                                     f"positions; use max_length <= {positions}")
         if self.kind == "sequence" and opts.num_return_sequences > opts.n_docs * opts.num_beams:
             raise InvalidOptionError(f"num_return_sequences ({opts.num_return_sequences}) must be <= n_docs * "
                                      f"num_beams ({opts.n_docs * opts.num_beams})")
