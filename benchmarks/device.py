@@ -29,7 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.run import CACHE, QUESTIONS, RESULTS, WORKLOADS, _log, _pct, build_checkpoint, is_current
+from benchmarks.run import (
+    CACHE,
+    QUESTIONS,
+    RESULTS,
+    WORKLOADS,
+    _log,
+    _pct,
+    build_checkpoint,
+    is_current,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 N_DOCS = 5
@@ -275,10 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "workload": f"{args.workload} dims, rag-token bart, {N_DOCS} passages per question, params {params}",
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / name
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
+    write_results(args.out / name, report, markdown(report))
     print(markdown(report))
     fp32 = [v for r in runs for k, v in r["agreement"].items() if k == "runtime-fp32 vs transformers-fp32"]
     if args.require_identical and any(v["identical"] != v["compared"] for v in fp32):

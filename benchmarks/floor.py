@@ -34,7 +34,7 @@ import numpy as np
 
 from benchmarks.device import N_DOCS, contexts
 from benchmarks.peers import load_avg, prepare, workload_passages
-from benchmarks.run import QUESTIONS, RESULTS, WORKLOADS, _log
+from benchmarks.run import QUESTIONS, RESULTS, WORKLOADS, _log, write_results
 from benchmarks.run import prepare as prepare_export
 
 BEAMS = 4
@@ -426,10 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul": [{"m": m, "k": k, "n": nn, "gflops": r} for (m, k, nn), r in rates.items()],
         "measured": measured, **profile, "floors": fl, "table": table,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / report["name"]
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
+    write_results(args.out / report["name"], report, markdown(report))
     print(markdown(report))
     return 0
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from benchmarks import peers
 from benchmarks.device import N_DOCS, contexts
-from benchmarks.run import CACHE, QUESTIONS, RESULTS, _log
+from benchmarks.run import CACHE, QUESTIONS, RESULTS, _log, write_results
 
 BENCH = CACHE / "int8-trained"
 TARGET_WORDS = 16  # longest target: answers stay well inside MAX_LENGTH
@@ -626,10 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     report["timing"] = timing(sides, vocab, inputs, args.rounds, forced_bos)
     load["at end"] = peers.load_avg()
     report.update(load_avg=load, load_s=load_s)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / args.name
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
+    write_results(args.out / args.name, report, markdown(report))
     print(markdown(report))
     return 0
 

@@ -29,7 +29,17 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.device import N_DOCS, ROOT, contexts
-from benchmarks.run import CACHE, QUESTIONS, RESULTS, WORKLOADS, _log, _pct, build_checkpoint, is_current
+from benchmarks.run import (
+    CACHE,
+    QUESTIONS,
+    RESULTS,
+    WORKLOADS,
+    _log,
+    _pct,
+    build_checkpoint,
+    is_current,
+    write_results,
+)
 
 RUNTIME_EXPORTS = {"rag_runtime fp32": "export-fp32", "rag_runtime int8": "export-int8"}
 CT2_TYPES = {"ctranslate2 fp32": "float32", "ctranslate2 int8": "int8"}
@@ -315,10 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": params,
         "result": result,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / report["name"]
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
+    stem = write_results(args.out / report["name"], report, markdown(report))
     if args.plot:
         plot(report, stem.with_suffix(".png"))
     print(markdown(report))

@@ -41,6 +41,14 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def write_results(stem: Path, report: dict, text: str) -> Path:
+    """``stem``.json (the report) and ``stem``.md (its markdown), the folder made if needed; returns ``stem``."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(text)
+    return stem
+
+
 def build_checkpoint(path: Path, workload: str, kind: str, generator: str, index_type: str | None = "Flat") -> Path:
     """Build (once) a random-weight checkpoint of the workload's size (``index_type=None``: no knowledge base)."""
     if not (path / "config.json").exists():
@@ -295,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         report["peak_rss_mib"] = {side: peak_rss(side, ckpt, export_dir, qs, max(args.batch), params)
                                   for side in ("runtime", "reference")}
         report["memory_command"] = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-        stem.with_suffix(".md").write_text(markdown(report))
+        write_results(stem, report, markdown(report))
         print(markdown(report))
         return 0
     runs = []
@@ -332,9 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         report["peak_rss_mib"] = {side: peak_rss(side, ckpt, export_dir, qs, max(args.batch), params)
                                   for side in ("runtime", "reference")}
         _log(f"peak RSS (MiB): {report['peak_rss_mib']}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
+    write_results(stem, report, markdown(report))
     if args.plot:
         plot(report, stem.with_suffix(".png"))
     print(markdown(report))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.run import QUESTIONS, RESULTS, WORKLOADS, prepare
+from benchmarks.run import QUESTIONS, RESULTS, WORKLOADS, prepare, write_results
 from benchmarks.serve_process import ServerProcess
 
 MODES = {"batching on": ["--max-batch-size", "8", "--max-wait-ms", "5"],
@@ -186,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
               "duration_s": args.duration, "command": "python -m benchmarks.serve_load " + " ".join(argv or sys.argv[1:]),
               "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
               "modes": {mode: run_mode(export, mode, args, questions, params) for mode in args.modes}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"serve-{args.workload}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
+    stem = write_results(args.out / f"serve-{args.workload}", report, markdown(report))
     plot(report, stem.with_suffix(".png"))
     _log(f"wrote {stem}.json/.md/.png")
     return 0

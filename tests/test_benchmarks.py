@@ -50,7 +50,10 @@ def test_floor_benchmark_reports_every_stage_above_its_floor(tmp_path, monkeypat
         report = json.loads((tmp_path / f"{kind}.json").read_text())
         assert len(report["table"]) == stages
         for stage, measured, floor_ms, _bound in report["table"]:
-            assert measured > 0 and floor_ms > 0, stage
+            assert floor_ms > 0, stage
+            # "call - LM head" subtracts a kernel profiled in a second pass: at tiny size, on a busy machine,
+            # that difference of two noisy timings can come out negative.
+            assert measured > 0 or "call - LM head" in stage, stage
         question, measured, floor_ms, _ = report["table"][-1]
         assert question.startswith("question p50") and measured > floor_ms
     assert report["measured"]["rescore_calls_per_question"] == 5  # one per passage
