@@ -206,7 +206,7 @@ def test_sequence_scorer_matches_the_host_path(bundles, questions, generator):
 
 
 def test_export_made_before_the_scorer_graph_still_answers(bundles, questions, tmp_path):
-    """A format-2 RAG-Sequence export without sequence_scorer (as exported before it existed) loads and
+    """A RAG-Sequence export without sequence_scorer (as exported before it existed) loads and
     rescores on the host, with the same answers."""
     src = bundles[("sequence", "bart")].export
     old = tmp_path / "old"
