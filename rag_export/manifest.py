@@ -71,7 +71,7 @@ def build_manifest(ctx: ExportContext, specs: list[GraphSpec], tokenizers: dict[
     rag = RagSettings(**config_summary(cfg), prefix=getattr(cfg.generator, "prefix", None),
                       rescoring_bos_token_id=cfg.bos_token_id or getattr(cfg.generator, "bos_token_id", None),
                       generator_pad_token_id=cfg.generator.pad_token_id)
-    kv_dtype = graphs[C.GENERATOR_DECODER].dtype(C.per_layer(C.PRESENT_KEYS, ctx.dims.layers)[0])
+    kv_dtype = graphs[C.GENERATOR_DECODER].dtype(C.per_layer(ctx.dims.layers, C.PRESENT_KEYS)[0])
     return Manifest(
         source=ckpt.source, kind=ckpt.kind, generator_type=ctx.family.name, precision=precision,
         optimized=optimized, decoder=dataclasses.replace(ctx.dims, kv_dtype=kv_dtype),

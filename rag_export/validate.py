@@ -64,8 +64,8 @@ def validate_generator_decoder(encoder_path, decoder_path, generator, dims: Deco
     enc, dec = _session(encoder_path), _session(decoder_path)
     ids, mask = _sample_ids(dims.vocab, 2, 11, seed=2)
     cross = enc.run(None, {C.INPUT_IDS: ids.numpy(), C.ATTENTION_MASK: mask.numpy()})[1:]
-    cross_names = C.per_layer(C.CROSS_KEYS, dims.layers) + C.per_layer(C.CROSS_VALUES, dims.layers)
-    past_names = C.per_layer(C.PAST_KEYS, dims.layers) + C.per_layer(C.PAST_VALUES, dims.layers)
+    cross_names = C.per_layer(dims.layers, C.CROSS_KEYS, C.CROSS_VALUES)
+    past_names = C.per_layer(dims.layers, C.PAST_KEYS, C.PAST_VALUES)
     rows = ids.shape[0] * beams
     g = torch.Generator().manual_seed(3)
     dec_ids = torch.randint(5, max(6, min(dims.vocab, 30000)), (rows, steps), generator=g)

@@ -64,7 +64,7 @@ def test_typed_manifest_reads_every_field_back(bundles, kind, generator, tmp_pat
     manifest.save(tmp_path)
     assert json.loads((tmp_path / C.MANIFEST_FILE).read_text()) == raw
     layers = manifest.decoder.layers
-    present = C.per_layer(C.PRESENT_KEYS, layers) + C.per_layer(C.PRESENT_VALUES, layers)
+    present = C.per_layer(layers, C.PRESENT_KEYS, C.PRESENT_VALUES)
     assert {manifest.graph(C.GENERATOR_DECODER).dtype(name) for name in present} == {manifest.decoder.kv_dtype}
     assert manifest.decoder.kv_dtype == "float32"
     broken = {k: v for k, v in raw.items() if k != "graphs"}

@@ -24,8 +24,9 @@ class GraphSpec:
         inputs: Input names with their symbolic shapes (a name per axis).
         outputs: Output names with their symbolic shapes.
         dtypes: ONNX element type name per input and output (float32 when absent).
-        layers: Set by :meth:`resolve`: the decoder layers the per-layer IO (``constants.PER_LAYER``
-            names, declared once with the shape of one layer) expands to; 0 while unresolved.
+
+    Per-layer IO (``constants.PER_LAYER`` names) is declared once, with the shape of one layer;
+    :meth:`resolve` expands it for a generator's number of layers.
     """
 
     name: str
@@ -33,22 +34,16 @@ class GraphSpec:
     inputs: dict[str, list[str]]
     outputs: dict[str, list[str]]
     dtypes: dict[str, str] = field(default_factory=dict)
-    layers: int = 0
 
     def resolve(self, layers: int) -> GraphSpec:
         """The spec with every per-layer name expanded to ``layers`` names (``cross_keys.0``, ...), in order."""
 
-        def expand(ios: dict[str, list[str]]) -> dict[str, list[str]]:
-            out = {}
-            for name, axes in ios.items():
-                for io in C.per_layer(name, layers) if name in C.PER_LAYER else [name]:
-                    out[io] = axes
-            return out
+        def expand(values: dict) -> dict:
+            return {io: v for name, v in values.items()
+                    for io in (C.per_layer(layers, name) if name in C.PER_LAYER else [name])}
 
-        dtypes = {io: t for name, t in self.dtypes.items()
-                  for io in (C.per_layer(name, layers) if name in C.PER_LAYER else [name])}
-        return dataclasses.replace(self, inputs=expand(self.inputs), outputs=expand(self.outputs), dtypes=dtypes,
-                                   layers=layers)
+        return dataclasses.replace(self, inputs=expand(self.inputs), outputs=expand(self.outputs),
+                                   dtypes=expand(self.dtypes))
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {

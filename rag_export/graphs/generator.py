@@ -2,11 +2,12 @@
 lives in that family's module).
 
 ``generator_encoder``: context ids/mask -> encoder states and every decoder layer's cross-attention
-K/V, computed once per query. Cross K/V and the self-attention cache are one tensor per layer. ``generator_decoder``: ``t`` new tokens with self-attention past K/V in
-and present K/V out (``t`` = 1 per decode step; ``t`` = the whole answer for teacher-forced rescoring);
-the first step passes a zero-length past, so one graph serves every step with no If node. ``beam_idx``
-reorders the past rows first (row ``i`` continues from past row ``beam_idx[i]``), so beam search
-reorders the cache where it lives, inside the decoder call, instead of gathering it on the host.
+K/V, computed once per query (cross K/V and the self-attention cache are one tensor per layer).
+``generator_decoder``: ``t`` new tokens with self-attention past K/V in and present K/V out (``t`` = 1
+per decode step; ``t`` = the whole answer for teacher-forced rescoring); the first step passes a
+zero-length past, so one graph serves every step with no If node. ``beam_idx`` reorders the past rows
+first (row ``i`` continues from past row ``beam_idx[i]``), so beam search reorders the cache where it
+lives, inside the decoder call, instead of gathering it on the host.
 """
 
 from __future__ import annotations

@@ -72,6 +72,6 @@ LABEL_LOGPROBS = "label_logprobs"
 LOGPROB_SUMS = "logprob_sums"
 
 
-def per_layer(name: str, layers: int) -> list[str]:
-    """The graph IO names of a per-layer tensor: ``name.0`` ... ``name.{layers - 1}``."""
-    return [f"{name}.{i}" for i in range(layers)]
+def per_layer(layers: int, *names: str) -> list[str]:
+    """The graph IO names of per-layer tensors: ``name.0`` ... ``name.{layers - 1}`` for each name in turn."""
+    return [f"{name}.{i}" for name in names for i in range(layers)]

@@ -103,9 +103,9 @@ class OnnxGenerator:
         self.vocab = int(dims.vocab)
         self._device = _Device(device)
         layers = dims.layers
-        self._cross_names = C.per_layer(C.CROSS_KEYS, layers) + C.per_layer(C.CROSS_VALUES, layers)
-        self._past_names = C.per_layer(C.PAST_KEYS, layers) + C.per_layer(C.PAST_VALUES, layers)
-        self._present_names = C.per_layer(C.PRESENT_KEYS, layers) + C.per_layer(C.PRESENT_VALUES, layers)
+        self._cross_names = C.per_layer(layers, C.CROSS_KEYS, C.CROSS_VALUES)
+        self._past_names = C.per_layer(layers, C.PAST_KEYS, C.PAST_VALUES)
+        self._present_names = C.per_layer(layers, C.PRESENT_KEYS, C.PRESENT_VALUES)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncoderState:
         io = self.encoder.io_binding()
