@@ -17,7 +17,9 @@ from rag_runtime.serve.limits import ServeLimits
 from rag_runtime.serve.metrics import ServeMetrics
 
 # Long enough (about a second on one core) for requests to pile up behind it.
-SLOW = {"num_beams": 8, "min_length": 120, "max_length": 120, "n_docs": 10}
+# At the service's default caps, long enough (about 1.8 s on the tiny model here; 120 tokens over 10 passages
+# took 0.36 s once the runtime got faster) that requests sent 0.3-0.7 s after it still find it computing.
+SLOW = {"num_beams": 8, "min_length": 256, "max_length": 256, "n_docs": 20}
 
 
 @pytest.fixture(scope="module")
