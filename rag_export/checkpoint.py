@@ -100,7 +100,22 @@ _GENERATION_FIELDS = (
     "num_beams", "max_length", "min_length", "no_repeat_ngram_size", "length_penalty", "early_stopping",
     "forced_bos_token_id", "forced_eos_token_id", "repetition_penalty", "bad_words_ids",
     "num_return_sequences", "decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id",
+    "max_new_tokens", "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "do_sample", "temperature",
+    "top_k", "top_p",
 )
+
+
+def _global_defaults() -> dict:
+    """What the installed transformers' generate() uses for parameters neither the caller nor the model's
+    generation config sets (``GenerationConfig._get_default_generation_params`` in 5.x)."""
+    from transformers import GenerationConfig
+
+    known = getattr(GenerationConfig, "_get_default_generation_params", None)
+    defaults = known() if known is not None else {
+        "num_beams": 1, "num_return_sequences": 1, "min_length": 0, "max_length": 20, "length_penalty": 1.0,
+        "early_stopping": False, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "do_sample": False,
+        "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+    return {k: v for k, v in defaults.items() if k in _GENERATION_FIELDS}
 
 
 def resolve_generation_defaults(model, kind: str) -> dict:
@@ -135,9 +150,7 @@ def resolve_generation_defaults(model, kind: str) -> dict:
                 out["max_length"] = min(out["max_length"], limit)
         out["num_beams"] = getattr(cfg, "num_beams", None) or 1
         out["num_return_sequences"] = getattr(cfg, "num_return_sequences", None) or 1
-    for key, default in (("num_beams", 1), ("num_return_sequences", 1), ("min_length", 0), ("max_length", 20),
-                         ("length_penalty", 1.0), ("early_stopping", False), ("no_repeat_ngram_size", 0),
-                         ("repetition_penalty", 1.0)):
+    for key, default in _global_defaults().items():
         if out[key] is None:
             out[key] = default
     return out

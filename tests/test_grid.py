@@ -98,25 +98,48 @@ def _compare(ckpt: Path, out: Path, case: dict, qs: list[str]) -> None:
     # RAG-Token score averages them over the answer, a RAG-Sequence score sums them (max_length terms).
     logits_error = pipe.manifest.validation["generator_decoder"][DECODER_LOGITS]["max_abs_diff"]
     terms = case["params"]["max_length"] if case["kind"] == "sequence" else 1
-    differing = []
+    atol = max(1e-4, 2 * terms * logits_error)
+    differing, off_scores = [], []
     for i, (r, g) in enumerate(zip(ref, got, strict=True)):
         want = [reference_tokens(row, eos, pad) for row in r.sequences]
         if [a.token_ids for a in g.answers] != want:
             differing.append(i)
-        elif r.scores is not None:
-            np.testing.assert_allclose([a.score for a in g.answers], r.scores, rtol=1e-4,
-                                       atol=max(1e-4, 2 * terms * logits_error))
+        elif r.scores is not None and not np.allclose([a.score for a in g.answers], r.scores, rtol=1e-4, atol=atol):
+            off_scores.append(i)
     if differing:
         _prove_near_tie(ckpt, case, qs, ref, got, differing, eos, pad)
+    if off_scores:
+        _prove_score_noise(ckpt, case, qs, ref, got, off_scores, atol)
 
 
-def _prove_near_tie(ckpt, case, qs, ref, got, differing, eos, pad) -> None:
-    """A difference is accepted only if float64 shows it is a tie at fp32 precision."""
+def _reference64(ckpt, case, qs):
     from benchmarks.reference import Reference
 
     ref64 = Reference(str(ckpt))
     ref64.model.double()
-    exact = ref64.generate(qs, **case["params"])
+    return ref64.generate(qs, **case["params"])
+
+
+def _prove_score_noise(ckpt, case, qs, ref, got, off_scores, atol) -> None:
+    """Same answers, scores further apart than the export's measured logits error explains: accepted only
+    if the runtime's score is as close to transformers' float64 score as transformers' own float32 one is
+    (within a factor of 2), i.e. the gap is float32 rounding on this checkpoint, not a bias."""
+    exact = _reference64(ckpt, case, qs)
+    for i in off_scores:
+        ours, fp32 = np.array([a.score for a in got[i].answers]), np.asarray(ref[i].scores, dtype=np.float64)
+        fp64 = np.asarray(exact[i].scores, dtype=np.float64)
+        assert np.all(np.abs(ours - fp64) <= np.maximum(2 * np.abs(fp32 - fp64), atol)), (
+            f"{qs[i]!r}: runtime scores {ours.tolist()} are further from transformers fp64 {fp64.tolist()} than "
+            f"its fp32 scores {fp32.tolist()}: not float noise.\n case {case}")
+        warnings.warn(NearTie(
+            f"{case['generator']} rag-{case['kind']} spread {case['spread']} {case['params']}: {qs[i]!r}: scores "
+            f"off by {np.abs(ours - fp32).max():.2e} from transformers fp32, {np.abs(ours - fp64).max():.2e} from "
+            f"fp64 (transformers fp32 itself: {np.abs(fp32 - fp64).max():.2e})"), stacklevel=1)
+
+
+def _prove_near_tie(ckpt, case, qs, ref, got, differing, eos, pad) -> None:
+    """A difference is accepted only if float64 shows it is a tie at fp32 precision."""
+    exact = _reference64(ckpt, case, qs)
     for i in differing:
         fp32 = [reference_tokens(row, eos, pad) for row in ref[i].sequences]
         fp64 = [reference_tokens(row, eos, pad) for row in exact[i].sequences]

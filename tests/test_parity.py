@@ -6,6 +6,8 @@ that the reference output is not degenerate, so a broken runtime cannot pass by 
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -28,6 +30,11 @@ GRID = {
     "early_never": dict(num_beams=3, early_stopping="never", max_length=12),
     "repetition": dict(num_beams=2, repetition_penalty=1.5, max_length=12, no_repeat_ngram_size=0),
     "greedy_min_length": dict(num_beams=1, min_length=6, max_length=10, no_repeat_ngram_size=3),
+    # Both a length and a count of new tokens: the count takes precedence (see _reference_params).
+    "new_tokens": dict(num_beams=2, max_length=30, max_new_tokens=9, min_length=2, min_new_tokens=5),
+    "greedy_new_tokens": dict(num_beams=1, max_new_tokens=7, min_new_tokens=4),
+    "decoder_start": dict(num_beams=2, max_length=10, decoder_start_token_id=5),
+    "no_cache": dict(num_beams=2, max_length=10, use_cache=False),
 }
 SEQUENCE_ONLY = {
     "no_dedup": dict(num_beams=2, do_deduplication=False, num_return_sequences=3, max_length=10),
@@ -42,17 +49,36 @@ def _params(name: str) -> dict:
     return dict(GRID[name] if name in GRID else SEQUENCE_ONLY[name])
 
 
+def reference_params(kind: str, params: dict) -> dict:
+    """What the reference needs to be asked for ``params`` to mean what generate() documents.
+
+    transformers 5.x's ``RagTokenForGeneration.generate`` skips generate()'s length preparation: it ignores
+    ``max_new_tokens`` (and generates to ``max_length``) and applies ``min_new_tokens`` beside ``min_length``
+    instead of in its place. The runtime follows the documented precedence for both RAG kinds (README:
+    reference behaviour), so RAG-Token's reference is given the lengths those counts stand for (the start
+    token is the one token before the new ones). RAG-Sequence's reference runs generate() itself.
+    """
+    params = dict(params)
+    if kind == "token":
+        for count, length in (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length")):
+            if count in params:
+                params[length] = 1 + params.pop(count)
+    return params
+
+
 @pytest.mark.parametrize(("kind", "generator", "case"), CASES, ids=[f"{k}-{g}-{c}" for k, g, c in CASES])
 def test_generate_matches_transformers(bundles, questions, kind, generator, case):
     bundle = bundles[(kind, generator)]
     qs = [questions[0], questions[7], questions[13]]  # different lengths, padded together
     assert len({len(q.split()) for q in qs}) == 3
     params = _params(case)
-    ref = bundle.reference.generate(qs, **params)
+    ref = bundle.reference.generate(qs, **reference_params(kind, params))
     got = bundle.pipeline.generate(qs, **params)
     defaults = bundle.pipeline.manifest.generation_defaults
     eos, pad = special_ids(bundle.pipeline)
     assert_not_degenerate([r.sequences for r in ref], eos | {pad, defaults.decoder_start_token_id})
+    if "decoder_start_token_id" in params:
+        assert all(row[0] == params["decoder_start_token_id"] for r in ref for row in r.sequences)
 
     assert len(got) == len(qs)
     for q, r, g in zip(qs, ref, got, strict=True):
@@ -134,3 +160,27 @@ def test_retrieve_matches_retriever(bundles, questions, kind, generator):
         assert [d.id for d in docs] == ids.tolist()
         np.testing.assert_allclose([d.score for d in docs], scores, rtol=RTOL, atol=1e-5)
         assert all(d.text for d in docs)
+
+
+@pytest.mark.parametrize(("kind", "generator"), COMBOS, ids=[f"{k}-{g}" for k, g in COMBOS])
+def test_suppressed_tokens_match_transformers(bundles, questions, kind, generator):
+    """suppress_tokens and begin_suppress_tokens, chosen among the tokens the unsuppressed answers use, so
+    that suppressing them changes the answers."""
+    bundle = bundles[(kind, generator)]
+    qs = questions[4:7]
+    base = dict(num_beams=2, max_length=10)
+    eos, pad = special_ids(bundle.pipeline)
+    defaults = bundle.pipeline.manifest.generation_defaults
+    begin = 2 if defaults.forced_bos_token_id is not None else 1  # transformers suppresses after a forced BOS
+    plain = bundle.pipeline.generate(qs, **base)
+    firsts = Counter(a.token_ids[begin] for r in plain for a in r.answers if len(a.token_ids) > begin)
+    later = Counter(t for r in plain for a in r.answers for t in a.token_ids[begin + 1 :] if t not in eos | {pad})
+    params = dict(base, begin_suppress_tokens=[firsts.most_common(1)[0][0]],
+                  suppress_tokens=[later.most_common(1)[0][0]])
+    ref = bundle.reference.generate(qs, **params)
+    got = bundle.pipeline.generate(qs, **params)
+    assert [[a.token_ids for a in r.answers] for r in got] != [[a.token_ids for a in r.answers] for r in plain]
+    for r, g in zip(ref, got, strict=True):
+        assert [a.token_ids for a in g.answers] == [reference_tokens(row, eos, pad) for row in r.sequences]
+        if r.scores is not None:
+            np.testing.assert_allclose([a.score for a in g.answers], r.scores, rtol=RTOL, atol=1e-5)

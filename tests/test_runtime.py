@@ -61,7 +61,7 @@ def test_overlong_question_is_truncated(bundles, caplog):
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     (dict(beams=2), TypeError, "unexpected keyword argument 'beams'"),
-    (dict(num_beams=0), ValueError, "num_beams must be a positive integer"),
+    (dict(num_beams=0), ValueError, "num_beams must be an integer >= 1, got 0"),
     (dict(num_beams=2, num_return_sequences=3), ValueError, "num_return_sequences"),
     (dict(max_length=5, min_length=9), ValueError, "min_length"),
     (dict(early_stopping="sometimes"), ValueError, "early_stopping"),
@@ -72,7 +72,7 @@ def test_overlong_question_is_truncated(bundles, caplog):
     (dict(early_stopping=1), ValueError, "early_stopping"),
     (dict(bad_words_ids=[[10**6]]), ValueError, r"bad_words_ids must hold token ids in \[0, \d+\)"),
     (dict(forced_bos_token_id=10**6), ValueError, "forced_bos_token_id must hold token ids"),
-    (dict(forced_eos_token_id=-5), ValueError, "forced_eos_token_id must hold token ids"),
+    (dict(forced_eos_token_id=-5), ValueError, "forced_eos_token_id must hold non-negative token ids"),
     (dict(n_docs=500), ValueError, "the knowledge index has 320"),
     (dict(max_length=5000), ValueError, "max_length 5000 exceeds the generator's 1024 decoder positions"),
 ])

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from benchmarks.serve_process import ServerProcess, metric
+from rag_runtime.options import OPTIONS
 from rag_runtime.serve.batcher import Batcher, BatchFailed
 from rag_runtime.serve.limits import ServeLimits
 from rag_runtime.serve.metrics import ServeMetrics
@@ -77,6 +78,10 @@ def test_retrieve(server, bundle, questions):
 
 def test_info(server, bundle):
     info = httpx.get(server.url + "/info").json()
+    assert list(info["options"]) == list(OPTIONS)
+    assert info["options"]["num_beams"]["cap"] == {"limit": "max_num_beams", "value": 8}
+    assert info["options"]["num_beams"]["default"] == bundle.pipeline.options().num_beams
+    assert info["options"]["seed"] == {"type": "integer", "default": None, "help": OPTIONS["seed"].help, "cap": None}
     assert (info["kind"], info["generator"], info["device"]) == ("token", "bart", "cpu")
     size = info["index"]["size"]
     assert isinstance(size, int) and max(d.id for d in bundle.pipeline.retrieve(["a"], n_docs=5)[0]) < size
@@ -94,8 +99,10 @@ BAD = [
     ({"question": "a", "num_beams": "4"}, 422, "invalid_type", "num_beams"),
     ({"question": "a", "num_beams": 0}, 422, "invalid_value", "num_beams"),
     ({"question": "a", "min_length": 9, "max_length": 5}, 422, "invalid_value", "min_length"),
-    ({"question": "a", "early_stopping": "sometimes"}, 422, "invalid_value", "early_stopping"),
+    ({"question": "a", "early_stopping": "sometimes"}, 422, "invalid_type", "early_stopping"),
     ({"question": "a", "num_beams": 64}, 422, "limit_exceeded", "num_beams"),
+    ({"question": "a", "max_new_tokens": 300}, 422, "limit_exceeded", "max_new_tokens"),
+    ({"question": "a", "num_beam_groups": 2}, 422, "unsupported_option", "num_beam_groups"),
     ({"question": "a", "timeout_s": -1}, 422, "invalid_value", "timeout_s"),
     ({"question": "x" * 2001}, 422, "limit_exceeded", "question"),
     ({"questions": ["a"] * 33}, 413, "too_many_questions", "questions"),
@@ -114,6 +121,39 @@ def test_bad_input(server, body, status, kind, field):
     if field:
         assert field.split("[")[0] in data["error"]
     assert "Traceback" not in server.log()
+
+
+# A value of the wrong JSON type for each option type (a new type must add one here).
+WRONG_TYPE = {"integer": "3", "number": "x", "boolean": "yes", 'boolean or "never"': "sometimes",
+              "token id": 1.5, "token ids": [1, "x"], "token id sequences": [[]]}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_422_names_the_field_of_every_option(server, name):
+    """Each declared option is part of the HTTP schema: a wrong type, then (where the option is bounded) a
+    value out of range, is refused with 422 naming that field."""
+    opt = OPTIONS[name]
+    bad = [(WRONG_TYPE[opt.type.name], "invalid_type")]
+    low = opt.above if opt.above is not None else None if opt.minimum is None else opt.minimum - 1
+    if low is not None:
+        bad.append((int(low) if opt.type.name == "integer" else low, "invalid_value"))
+    if opt.maximum is not None:
+        bad.append((opt.maximum + 1, "invalid_value"))
+    for value, kind in bad:
+        resp = _post(server.url, {"question": "a", name: value})
+        assert resp.status_code == 422, (value, resp.text)
+        assert (resp.json()["type"], resp.json()["field"]) == (kind, name), (value, resp.json())
+        assert name in resp.json()["error"]
+
+
+def test_new_generation_options_over_http_equal_generate(server, bundle, questions):
+    params = {"max_new_tokens": 7, "min_new_tokens": 4, "decoder_start_token_id": 5, "num_beams": 2,
+              "do_sample": True, "seed": 9, "top_k": 20, "top_p": 0.9, "suppress_tokens": [40]}
+    resp = _post(server.url, {"question": questions[6], **params})
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"results": [_expected(bundle.pipeline, questions[6], params)]}
+    answer = resp.json()["results"][0]["answers"][0]["token_ids"]
+    assert answer[0] == 5 and 40 not in answer and len(answer) <= 8
 
 
 def test_metrics_reflect_traffic(server, questions):

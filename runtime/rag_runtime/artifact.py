@@ -108,6 +108,15 @@ class GenerationDefaults:
     eos_token_id: list[int] | None
     pad_token_id: int | None
     bos_token_id: int | None
+    # Recorded since the option schema; older manifests take transformers' GenerationConfig defaults.
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
 
 
 @dataclass

@@ -7,6 +7,7 @@ import json
 import sys
 
 from .commands import run_command, setup_logging
+from .options import BOOLEAN, EARLY_STOPPING, INTEGER, NUMBER, OPTIONS, TOKEN_ID, TOKEN_IDS, TOKEN_SEQUENCES
 
 
 def _bool_or_never(value: str):
@@ -20,6 +21,37 @@ def _bool_or_never(value: str):
     raise argparse.ArgumentTypeError(f"expected true, false or never, got {value!r}")
 
 
+def _token_sequences(value: str):
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if not TOKEN_SEQUENCES.fits(parsed):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of lists of token ids such as [[5, 6], [9]], got "
+                                         f"{value!r}")
+    return parsed
+
+
+# How each option type reads from the command line (the schema itself is in rag_runtime.options).
+_FLAG_TYPES = {INTEGER: dict(type=int, metavar="N"), TOKEN_ID: dict(type=int, metavar="ID"),
+               NUMBER: dict(type=float, metavar="X"), EARLY_STOPPING: dict(type=_bool_or_never, metavar="WHEN"),
+               BOOLEAN: dict(action=argparse.BooleanOptionalAction),
+               TOKEN_IDS: dict(type=int, nargs="+", metavar="ID"),
+               TOKEN_SEQUENCES: dict(type=_token_sequences, metavar="JSON")}
+# Spellings kept from before the schema.
+_ALIASES = {"do_deduplication": ["--deduplication"]}
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """One flag per generation option (``--num-beams``, ``--do-sample/--no-do-sample``, ...); a flag left
+    out leaves the export's default."""
+    g = parser.add_argument_group("generation (default: the export's own settings)")
+    for name, opt in OPTIONS.items():
+        g.add_argument(f"--{name.replace('_', '-')}", *_ALIASES.get(name, []), dest=name, help=opt.help,
+                       default=argparse.SUPPRESS, **_FLAG_TYPES[opt.type])
+    return g
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rag-generate", description="Answer questions from a rag-export directory.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -30,14 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-docs", type=int, default=3, help="passages to print per question (text mode)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (IVF knowledge indexes)")
     p.add_argument("--ef-search", type=int, default=None, help="candidate list size (HNSW knowledge indexes)")
-    g = p.add_argument_group("generation (default: the checkpoint's own settings)")
-    for name, typ in (("num_beams", int), ("max_length", int), ("min_length", int), ("n_docs", int),
-                      ("num_return_sequences", int), ("no_repeat_ngram_size", int), ("length_penalty", float),
-                      ("repetition_penalty", float), ("forced_bos_token_id", int), ("forced_eos_token_id", int)):
-        g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=argparse.SUPPRESS)
-    g.add_argument("--early-stopping", dest="early_stopping", type=_bool_or_never, default=argparse.SUPPRESS)
-    g.add_argument("--no-deduplication", dest="do_deduplication", action="store_false", default=argparse.SUPPRESS)
-    g.add_argument("--fast-decoding", dest="fast_decoding", action="store_true", default=argparse.SUPPRESS)
+    add_generation_flags(p)
     return p
 
 

@@ -20,11 +20,35 @@ class OutputExistsError(RagError):
 
 
 class InvalidOptionError(RagError, ValueError):
-    """A generation or command option has an invalid value (a ``ValueError``, as callers expect)."""
+    """A generation or command option has an invalid value (a ``ValueError``, as callers expect).
+
+    Attributes:
+        field: The option at fault, when one is (the service names it in its 422 response).
+        code: ``invalid_value``, or ``invalid_type`` when the value is not even of the option's type.
+    """
+
+    def __init__(self, message: str, field: str | None = None, code: str = "invalid_value"):
+        super().__init__(message)
+        self.field, self.code = field, code
+
+
+class UnsupportedOptionError(InvalidOptionError):
+    """A transformers generation parameter this runtime does not implement (refused, never ignored)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message, field, code="unsupported_option")
 
 
 class UnknownOptionError(RagError, TypeError):
-    """An option name no function here accepts (a ``TypeError``, like an unexpected keyword argument)."""
+    """An option name no function here accepts (a ``TypeError``, like an unexpected keyword argument).
+
+    Attributes:
+        field: The unknown name.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class InvalidInputError(RagError, TypeError):

@@ -8,8 +8,8 @@ import numpy as np
 from .artifact import GenerationDefaults, RagSettings
 from .decoding import processors as P
 from .decoding.rag import Decoded, RescoreSettings, rag_sequence, rag_token
+from .decoding.sampling import Sampler, SamplingSettings, generators
 from .decoding.search import SearchSettings
-from .errors import InvalidOptionError
 from .onnx_backend import OnnxGenerator
 from .options import GenerationOptions
 from .results import Answer
@@ -34,16 +34,8 @@ class AnswerGenerator:
 
     def options(self, kwargs: dict) -> GenerationOptions:
         """Validated options: ``kwargs`` over the export's defaults."""
-        opts = GenerationOptions.from_kwargs(**kwargs).resolved(self._defaults, self._rag, self.kind)
-        opts.check_token_ids(self.backend.vocab)
-        positions = self.backend.dims.max_positions
-        if positions is not None and opts.max_length > positions:
-            raise InvalidOptionError(f"max_length {opts.max_length} exceeds the generator's {positions} decoder "
-                                     f"positions; use max_length <= {positions}")
-        if self.kind == "sequence" and opts.num_return_sequences > opts.n_docs * opts.num_beams:
-            raise InvalidOptionError(f"num_return_sequences ({opts.num_return_sequences}) must be <= n_docs * "
-                                     f"num_beams ({opts.n_docs * opts.num_beams})")
-        return opts
+        return GenerationOptions.resolve(kwargs, self._defaults, self._rag, self.kind, vocab=self.backend.vocab,
+                                         max_positions=self.backend.dims.max_positions)
 
     def passages_needed(self, opts: GenerationOptions) -> int:
         """Passages to retrieve: RAG-Sequence rescoring, like the reference, uses the configured n_docs."""
@@ -72,18 +64,23 @@ class AnswerGenerator:
             if compatible:
                 generation_state = self._unmasked_state(_rows(ctx_ids, batch, docs, opts.n_docs), reference_width)
         doc_scores = np.ascontiguousarray(doc_scores[:, :used])
-        proc, search = self._settings(opts)
-        start = self._defaults.decoder_start_token_id
+        proc, search, sampling = self._settings(opts)
+        start = opts.decoder_start_token_id
+        rngs = generators(opts.seed, batch) if sampling is not None else None
         with self._timer.stage("decode"):
             if self.kind == "token":
-                return rag_token(self.backend, state, doc_scores, start, proc, search, fused=self.fused_head)
+                sampler = Sampler(sampling, rngs) if rngs else None
+                return rag_token(self.backend, state, doc_scores, start, proc, search, fused=self.fused_head,
+                                 sampler=sampler)
             rescore = RescoreSettings(
                 pad_token_id=self._rag.generator_pad_token_id, bos_token_id=self._rag.rescoring_bos_token_id,
                 label_smoothing=float(self._rag.label_smoothing or 0.0),
                 do_deduplication=bool(opts.do_deduplication), fast=opts.fast_decoding,
             )
+            samplers = [Sampler(sampling, [rng]) for rng in rngs] if rngs else None
             return rag_sequence(self.backend, state, doc_scores, start, proc, search, rescore,
-                                opts.num_return_sequences, generation_state, opts.n_docs, stage=self._timer.stage)
+                                opts.num_return_sequences, generation_state, opts.n_docs, stage=self._timer.stage,
+                                samplers=samplers)
 
     def _unmasked_state(self, ids: np.ndarray, reference_width: int | None):
         """The reference generates RAG-Sequence candidates from contexts padded to ``max_combined_length``
@@ -93,18 +90,19 @@ class AnswerGenerator:
         padded[:, : min(wide, ids.shape[1])] = ids[:, :wide]
         return self.backend.encode(padded, np.ones_like(padded))
 
-    def _settings(self, opts: GenerationOptions) -> tuple[P.ProcessorSettings, SearchSettings]:
+    def _settings(self, opts: GenerationOptions
+                  ) -> tuple[P.ProcessorSettings, SearchSettings, SamplingSettings | None]:
+        """What the processors, the search and the sampler (None: no sampling) read of the options."""
         d = self._defaults
         eos = tuple(d.eos_token_id or ())
-        proc = P.ProcessorSettings(
-            max_length=opts.max_length, min_length=opts.min_length, no_repeat_ngram_size=opts.no_repeat_ngram_size,
-            repetition_penalty=float(opts.repetition_penalty), forced_bos_token_id=opts.forced_bos_token_id,
-            forced_eos_token_id=opts.forced_eos_token_id,
-            bad_words_ids=tuple(map(tuple, opts.bad_words_ids)) if opts.bad_words_ids else None, eos_token_ids=eos,
-        )
-        search = SearchSettings(opts.num_beams, opts.num_return_sequences, float(opts.length_penalty),
-                                opts.early_stopping, d.pad_token_id, eos)
-        return proc, search
+        proc = P.ProcessorSettings(**opts.settings("processor"), eos_token_ids=eos)
+        search = SearchSettings(**opts.settings("search"), pad_token_id=d.pad_token_id, eos_token_ids=eos)
+        sampling = None
+        if opts.do_sample:
+            # transformers keeps one more token than there are EOS ids when beam sampling.
+            keep = len(eos) + 1 if opts.num_beams > 1 else 1
+            sampling = SamplingSettings(opts.temperature, opts.top_k, opts.top_p, min_tokens_to_keep=keep)
+        return proc, search, sampling
 
     def answers(self, rows: np.ndarray, scores: np.ndarray) -> list[Answer]:
         """One question's decoded rows as :class:`Answer` results."""

@@ -17,7 +17,7 @@ from .errors import ArtifactError, InvalidInputError, InvalidOptionError
 from .generation import AnswerGenerator
 from .knowledge import KnowledgeIndex
 from .onnx_backend import OnnxGenerator, create_session, providers_for
-from .options import GenerationOptions
+from .options import OPTIONS, GenerationOptions
 from .question_encoder import QuestionEncoder
 from .results import Document, RagOutput
 from .retrieval import Retriever
@@ -116,7 +116,7 @@ class RagPipeline:
         index = self.retriever.index
         if index is not None and self.generator.passages_needed(opts) > index.count:
             raise InvalidOptionError(f"n_docs={opts.n_docs} needs {self.generator.passages_needed(opts)} passages; "
-                                     f"the knowledge index has {index.count}")
+                                     f"the knowledge index has {index.count}", "n_docs")
         return opts
 
     def retrieve(self, questions: list[str], n_docs: int | None = None) -> list[list[Document]]:
@@ -124,9 +124,7 @@ class RagPipeline:
         questions = _as_list(questions)
         if not questions:
             return []
-        n_docs = n_docs if n_docs is not None else self.manifest.rag.n_docs
-        if not isinstance(n_docs, int) or isinstance(n_docs, bool) or n_docs < 1:
-            raise InvalidOptionError(f"n_docs must be a positive integer, got {n_docs!r}")
+        n_docs = OPTIONS["n_docs"].check(n_docs) if n_docs is not None else self.manifest.rag.n_docs
         _, doc_ids, doc_scores = self._search(questions, n_docs)
         return [self.retriever.documents(ids, scores) for ids, scores in zip(doc_ids, doc_scores, strict=True)]
 

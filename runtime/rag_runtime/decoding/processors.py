@@ -26,6 +26,8 @@ class ProcessorSettings:
         forced_bos_token_id: Token forced as the first generated token.
         forced_eos_token_id: Token forced at ``max_length - 1``.
         bad_words_ids: Token sequences that may never be generated.
+        suppress_tokens: Tokens never generated.
+        begin_suppress_tokens: Tokens not generated first (second when ``forced_bos_token_id`` is set).
         eos_token_ids: End-of-sequence ids.
     """
 
@@ -36,7 +38,14 @@ class ProcessorSettings:
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | Sequence[int] | None = None
     bad_words_ids: tuple[tuple[int, ...], ...] | None = None
+    suppress_tokens: tuple[int, ...] | None = None
+    begin_suppress_tokens: tuple[int, ...] | None = None
     eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def begin_index(self) -> int:
+        """The length at which ``begin_suppress_tokens`` apply (transformers: after a forced BOS)."""
+        return 2 if self.forced_bos_token_id is not None else 1
 
 
 def repetition_penalty(input_ids: np.ndarray, scores: np.ndarray, penalty: float) -> np.ndarray:
@@ -96,6 +105,14 @@ def min_length_bans(input_ids: np.ndarray, length: int, eos: Sequence[int]) -> t
     return np.repeat(np.arange(n), len(eos)), np.tile(np.asarray(eos, dtype=np.int64), n)
 
 
+def suppress_bans(input_ids: np.ndarray, tokens: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Every row bans ``tokens`` (none when ``tokens`` is None)."""
+    if not tokens:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    n = input_ids.shape[0]
+    return np.repeat(np.arange(n), len(tokens)), np.tile(np.asarray(tokens, dtype=np.int64), n)
+
+
 def no_repeat_ngram(input_ids: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
     return _ban(scores, *no_repeat_ngram_bans(input_ids, n))
 
@@ -131,6 +148,9 @@ def apply(settings: ProcessorSettings, input_ids: np.ndarray, scores: np.ndarray
         scores = force_token(scores, s.forced_bos_token_id)
     if s.forced_eos_token_id is not None and cur_len == s.max_length - 1:
         scores = force_token(scores, s.forced_eos_token_id)
+    scores = _ban(scores, *suppress_bans(input_ids, s.suppress_tokens))
+    if cur_len == s.begin_index:
+        scores = _ban(scores, *suppress_bans(input_ids, s.begin_suppress_tokens))
     return scores
 
 
@@ -143,7 +163,8 @@ def has_dense(settings: ProcessorSettings, cur_len: int) -> bool:
 
 
 def bans(settings: ProcessorSettings, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every (row, token) the ban-only processors (no_repeat_ngram, bad_words, min_length) set to -inf.
+    """Every (row, token) the ban-only processors (no_repeat_ngram, bad_words, min_length, suppress_tokens,
+    begin_suppress_tokens) set to -inf.
 
     Without dense processors (:func:`has_dense`), ``apply`` equals setting exactly these to -inf, which
     lets a device-side head apply them from a short index list.
@@ -156,7 +177,8 @@ def bans(settings: ProcessorSettings, input_ids: np.ndarray) -> tuple[np.ndarray
         parts.append(bad_words_bans(input_ids, s.bad_words_ids, s.eos_token_ids))
     if s.min_length > 0 and s.eos_token_ids:
         parts.append(min_length_bans(input_ids, s.min_length, s.eos_token_ids))
-    if not parts:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    parts.append(suppress_bans(input_ids, s.suppress_tokens))
+    if input_ids.shape[1] == s.begin_index:
+        parts.append(suppress_bans(input_ids, s.begin_suppress_tokens))
     return (np.concatenate([np.asarray(r, dtype=np.int64) for r, _ in parts]),
             np.concatenate([np.asarray(t, dtype=np.int64) for _, t in parts]))

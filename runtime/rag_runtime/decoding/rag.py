@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import processors as P
+from .sampling import Sampler
 from .search import SearchSettings, beam_search, greedy, host_candidates, log_softmax
 
 
@@ -76,12 +77,14 @@ class Decoded:
 
 
 def rag_token(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, start_id: int,
-              proc: P.ProcessorSettings, search: SearchSettings, fused: bool = False) -> Decoded:
+              proc: P.ProcessorSettings, search: SearchSettings, fused: bool = False,
+              sampler: Sampler | None = None) -> Decoded:
     """RAG-Token: next-token distributions marginalized over the passages at every step.
 
     With ``fused`` (the backend must implement :class:`RagTokenHead`), beam search steps run the fused
     head and only the ``2 * num_beams`` best candidates per question come back; steps where a processor
-    rewrites whole rows (repetition_penalty, forced BOS/EOS) take the host path.
+    rewrites whole rows (repetition_penalty, forced BOS/EOS) take the host path, and so does sampling
+    (``sampler``, one generator per question), which draws from the whole distribution.
     """
     batch, n_docs = doc_scores.shape
     k = search.num_beams
@@ -98,10 +101,10 @@ def rag_token(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, sta
         lp = log_softmax(logits.reshape(batch, n_docs, k, -1)) + doc_lp
         return logsumexp(lp, axis=1).reshape(batch * k, -1)
 
-    host = host_candidates(step, proc)
+    host = host_candidates(step, proc, sampler)
 
     def candidates(flat: np.ndarray, running_scores: np.ndarray, keep: int):
-        if not fused or P.has_dense(proc, flat.shape[1]):
+        if not fused or sampler is not None or P.has_dense(proc, flat.shape[1]):
             return host(flat, running_scores, keep)
         rows, tokens = P.bans(proc, flat)
         vocab = backend.vocab
@@ -111,7 +114,7 @@ def rag_token(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, sta
 
     start = np.full((batch * k, 1), start_id, dtype=np.int64)
     if k == 1:
-        seqs, scores = greedy(step, start, proc, search)
+        seqs, scores = greedy(step, start, proc, search, sampler)
         n = 1
     else:
         doc_base = (np.arange(batch)[:, None] * n_docs + np.arange(n_docs)[None, :])[:, :, None] * k
@@ -148,7 +151,8 @@ class RescoreSettings:
 def rag_sequence(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, start_id: int,
                  proc: P.ProcessorSettings, search: SearchSettings, rescore: RescoreSettings,
                  num_return_sequences: int, generation_state: Any = None, generation_docs: int | None = None,
-                 stage: Callable[[str], AbstractContextManager] | None = None) -> Decoded:
+                 stage: Callable[[str], AbstractContextManager] | None = None,
+                 samplers: list[Sampler] | None = None) -> Decoded:
     """RAG-Sequence thorough decoding: beam search per passage, then every candidate scored against
     every passage of its question, marginalized, best ``num_return_sequences`` kept.
 
@@ -156,7 +160,8 @@ def rag_sequence(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, 
     question); ``generation_state`` (default: ``state``) the ``generation_docs`` passages per question
     they are generated from. transformers generates from unmasked padded contexts, and rescores with the
     mask and its configured n_docs: passing both reproduces that. ``stage(name)`` (optional) times the
-    rescoring as ``rescore``.
+    rescoring as ``rescore``. ``samplers`` (one per question) make each passage's search sample, as the
+    generator's own ``generate(do_sample=True)`` does.
     """
     stage = stage or (lambda name: nullcontext())
     generation_state = state if generation_state is None else generation_state
@@ -174,10 +179,11 @@ def rag_sequence(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, 
         def step(seqs: np.ndarray, session=session) -> np.ndarray:
             return backend.step(session, seqs[:, -1:])
 
+        sampler = samplers[q] if samplers else None
         if k == 1:
-            cands, beam_scores = greedy(step, start, proc, per_doc)
+            cands, beam_scores = greedy(step, start, proc, per_doc, sampler)
         else:
-            cands, beam_scores = beam_search(host_candidates(step, proc),
+            cands, beam_scores = beam_search(host_candidates(step, proc, sampler),
                                              lambda rows, s=session: backend.reorder(s, rows), start, proc, per_doc)
         origin = np.repeat(np.arange(gen_docs), k)
         if rescore.do_deduplication:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import processors as P
+from .sampling import Sampler
 
 Step = Callable[[np.ndarray], np.ndarray]
 Reorder = Callable[[np.ndarray], None]
@@ -76,9 +77,12 @@ def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return x[np.arange(x.shape[0])[:, None], idx]
 
 
-def greedy(step: Step, start: np.ndarray, proc: P.ProcessorSettings, search: SearchSettings
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Returns sequences [rows, L] and the sum of the chosen tokens' processed scores per row."""
+def greedy(step: Step, start: np.ndarray, proc: P.ProcessorSettings, search: SearchSettings,
+           sampler: Sampler | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Returns sequences [rows, L] and the sum of the chosen tokens' processed scores per row.
+
+    With a ``sampler``, each token is drawn from the warped scores (transformers' multinomial sampling)
+    instead of taken as the best one."""
     seqs = start.astype(np.int64)
     rows = seqs.shape[0]
     unfinished = np.ones(rows, dtype=bool)
@@ -87,7 +91,7 @@ def greedy(step: Step, start: np.ndarray, proc: P.ProcessorSettings, search: Sea
     eos = np.asarray(search.eos_token_ids)
     while True:
         scores = P.apply(proc, seqs, step(seqs))
-        tokens = scores.argmax(axis=-1)
+        tokens = scores.argmax(axis=-1) if sampler is None else sampler.tokens(sampler.warp(scores))
         totals += np.where(unfinished, scores[np.arange(rows), tokens], 0).astype(np.float32)
         tokens = np.where(unfinished, tokens, pad)
         seqs = np.concatenate([seqs, tokens[:, None]], axis=1)
@@ -98,15 +102,20 @@ def greedy(step: Step, start: np.ndarray, proc: P.ProcessorSettings, search: Sea
             return seqs, totals
 
 
-def host_candidates(step: Step, proc: P.ProcessorSettings) -> Candidates:
-    """Candidates from full logits on the host: log_softmax, processors, running scores, top-k."""
+def host_candidates(step: Step, proc: P.ProcessorSettings, sampler: Sampler | None = None) -> Candidates:
+    """Candidates from full logits on the host: log_softmax, processors, running scores, top-k.
+
+    With a ``sampler`` (beam sampling), the warpers follow the processors and the candidates are drawn
+    without replacement from ``softmax`` of the running scores, in draw order, as transformers does."""
 
     def candidates(flat: np.ndarray, running_scores: np.ndarray, keep: int):
         log_probs = P.apply(proc, flat, log_softmax(step(flat).astype(np.float32, copy=False)))
+        if sampler is not None:
+            log_probs = sampler.warp(log_probs)
         batch, k = running_scores.shape
         vocab = log_probs.shape[-1]
         acc = (log_probs.reshape(batch, k, vocab) + running_scores[:, :, None]).reshape(batch, k * vocab)
-        top = topk(acc, keep)
+        top = topk(acc, keep) if sampler is None else sampler.candidates(acc, keep)
         return np.take_along_axis(acc, top, axis=1), top // vocab, top % vocab
 
     return candidates

@@ -16,6 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
+from ..errors import InvalidOptionError
+from ..options import OPTIONS
 from ..results import Document, RagOutput
 from .limits import ServeLimits
 from .service import PipelineSource, Service
@@ -105,7 +107,7 @@ def _add_routes(app: FastAPI, service: Service, limits: ServeLimits, api_key: st
             raise ApiError(503, "not_ready", "the export is still loading", headers={"Retry-After": "1"})
         out = _model_info(service.pipeline)
         out["versions"] = {"export": out["versions"], "rag_runtime": __version__, "python": platform.python_version()}
-        return JSONResponse({**out, "limits": limits.as_dict()})
+        return JSONResponse({**out, "limits": limits.as_dict(), "options": _options_info(service.pipeline, limits)})
 
     async def metrics(request: Request, stats: dict) -> Response:
         text, content_type = service.metrics.render()
@@ -134,9 +136,9 @@ async def _answer(service: Service, limits: ServeLimits, request: Request, stats
         questions = parse_questions(body, limits)
         stats["questions"] = len(questions)
         timeout_s = parse_timeout(body, limits)
-        params = parse_generation(body, limits)
+        params = parse_generation(body)
         if operation == "retrieve":
-            params = _retrieve_params(params)
+            params = _retrieve_params(params, limits)
         else:
             service.validate_generation(params)
         job = service.submit(operation, questions, params, timeout_s)
@@ -151,14 +153,21 @@ async def _answer(service: Service, limits: ServeLimits, request: Request, stats
                         headers=headers)
 
 
-def _retrieve_params(params: dict) -> dict:
+def _retrieve_params(params: dict, limits: ServeLimits) -> dict:
     extra = sorted(set(params) - {"n_docs"})
     if extra:
         raise ApiError(422, "unknown_field", f"unknown field {extra[0]!r} for /v1/retrieve; accepted are: question, "
                        "questions, n_docs, timeout_s", extra[0])
     n_docs = params.get("n_docs")
-    if n_docs is not None and (isinstance(n_docs, bool) or not isinstance(n_docs, int) or n_docs < 1):
-        raise ApiError(422, "invalid_value", f"n_docs must be a positive integer, got {n_docs!r}", "n_docs")
+    if n_docs is None:
+        return {"n_docs": None}
+    try:
+        n_docs = OPTIONS["n_docs"].check(n_docs)
+    except InvalidOptionError as e:
+        raise ApiError(422, e.code, str(e), "n_docs") from None
+    if n_docs > limits.max_n_docs:
+        raise ApiError(422, "limit_exceeded", f"'n_docs' ({n_docs}) exceeds the server's max_n_docs "
+                       f"({limits.max_n_docs})", "n_docs")
     return {"n_docs": n_docs}
 
 
@@ -187,6 +196,14 @@ def _generated(question: str, r: RagOutput) -> dict:
 
 def _retrieved(question: str, docs: list[Document]) -> dict:
     return {"question": question, "docs": [_document(d) for d in docs]}
+
+
+def _options_info(pipe, limits: ServeLimits) -> dict:
+    """Every generation option a request may set: its type, the export's default and the server's cap."""
+    defaults = pipe.options()
+    return {name: {"type": opt.type.name, "default": getattr(defaults, name), "help": opt.help,
+                   "cap": {"limit": opt.cap, "value": getattr(limits, opt.cap)} if opt.cap else None}
+            for name, opt in OPTIONS.items()}
 
 
 def _model_info(pipe) -> dict:

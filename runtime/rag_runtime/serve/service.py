@@ -10,6 +10,7 @@ from collections.abc import Callable
 from starlette.requests import Request
 
 from ..errors import InvalidOptionError, UnknownOptionError
+from ..options import OPTIONS, GenerationOptions, source_of
 from ..pipeline import RagPipeline
 from .batcher import Batcher, BatchFailed, DeadlineExceeded, Job, QueueFull, ShuttingDown
 from .limits import ServeLimits
@@ -83,23 +84,26 @@ class Service:
         if self.state != "ready":
             raise ApiError(503, "not_ready", f"the server is not ready ({self.state})", headers={"Retry-After": "1"})
 
-    def validate_generation(self, params: dict) -> None:
-        """The runtime's own validation of the request's generation options."""
+    def validate_generation(self, params: dict) -> GenerationOptions:
+        """The runtime's own validation of the request's generation options, then the server's caps on the
+        resolved values (the export's defaults included: the caps bound the work actually done)."""
         try:
             opts = self.pipeline.options(**params)
         except (UnknownOptionError, InvalidOptionError) as e:
-            message = str(e).splitlines()[0]
-            field = next((name for name in params if message.startswith(name) or f"({name}" in message
-                          or f" {name} " in message), None)
-            raise ApiError(422, "invalid_value", message, field) from None
-        # The caps bound the work actually done, defaults from the export included, not only what was sent.
-        passages = self.pipeline.generator.passages_needed(opts)
-        for name, value, cap in (("num_beams", opts.num_beams, "max_num_beams"),
-                                 ("num_return_sequences", opts.num_return_sequences, "max_num_beams"),
-                                 ("n_docs", passages, "max_n_docs"), ("max_length", opts.max_length, "max_length")):
-            if value > getattr(self.limits, cap):
-                raise ApiError(422, "limit_exceeded", f"'{name}' would be {value} (with the export's defaults), "
-                               f"over the server's {cap} ({getattr(self.limits, cap)})", name)
+            code = getattr(e, "code", "unknown_field")
+            raise ApiError(422, code, str(e).splitlines()[0], e.field) from None
+        for name, opt in OPTIONS.items():
+            if opt.cap is None:
+                continue
+            limit = getattr(self.limits, opt.cap)
+            value = self.pipeline.generator.passages_needed(opts) if name == "n_docs" else getattr(opts, name)
+            if value > limit:
+                field = source_of(name, params)
+                said = (f"({params[field]})" if field in params and params[field] is not None
+                        else f"would be {value} (with the export's defaults)")
+                raise ApiError(422, "limit_exceeded", f"'{field}' {said} exceeds the server's {opt.cap} ({limit})",
+                               field)
+        return opts
 
     def submit(self, operation: str, questions: list[str], params: dict, timeout_s: float) -> Job:
         """Queue the questions or refuse with 429 at once."""

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
 from starlette.requests import Request
 
-from ..options import GenerationOptions
 from .limits import ServeLimits
-
-_GENERATION_FIELDS = {f.name: str(f.type) for f in dataclasses.fields(GenerationOptions)}
-# Explicit values capped by the server, so one request cannot monopolise the worker.
-_CAPS = {"num_beams": "max_num_beams", "num_return_sequences": "max_num_beams", "n_docs": "max_n_docs",
-         "max_length": "max_length", "min_length": "max_length"}
 
 
 class ApiError(Exception):
@@ -101,40 +94,10 @@ def parse_timeout(body: dict, limits: ServeLimits) -> float:
     return float(value)
 
 
-def parse_generation(body: dict, limits: ServeLimits) -> dict:
-    """The remaining fields as ``generate`` keywords: known names, JSON types that fit, within caps.
-
-    Values are then validated by the runtime itself (``RagPipeline.options``), by the caller.
-    """
-    for name, value in body.items():
-        if name not in _GENERATION_FIELDS:
-            raise ApiError(422, "unknown_field", f"unknown field {name!r}; accepted are: question, questions, "
-                           f"timeout_s, {', '.join(sorted(_GENERATION_FIELDS))}", name)
-        if not _fits(value, _GENERATION_FIELDS[name]):
-            raise ApiError(422, "invalid_type", f"'{name}' must be {_GENERATION_FIELDS[name]}, got "
-                           f"{_json_type(value)}", name)
-        cap = _CAPS.get(name)
-        if cap and isinstance(value, int) and value > getattr(limits, cap):
-            raise ApiError(422, "limit_exceeded", f"'{name}' ({value}) exceeds the server's {cap} "
-                           f"({getattr(limits, cap)})", name)
+def parse_generation(body: dict) -> dict:
+    """The remaining fields, as ``generate`` keywords; the runtime's option schema validates them
+    (``Service.validate_generation``), so names, types, bounds and caps are checked in one place."""
     return dict(body)
-
-
-def _fits(value, annotation: str) -> bool:
-    """Whether a JSON value fits a GenerationOptions annotation such as ``int | None`` or ``bool | str``."""
-    if value is None:
-        return "None" in annotation
-    if isinstance(value, bool):
-        return "bool" in annotation
-    if isinstance(value, int):
-        return "int" in annotation.replace("list[list[int]]", "") or "float" in annotation
-    if isinstance(value, float):
-        return "float" in annotation
-    if isinstance(value, str):
-        return "str" in annotation
-    if isinstance(value, list):
-        return "list" in annotation
-    return False
 
 
 def _json_type(value) -> str:
