@@ -27,7 +27,6 @@ import platform
 import statistics
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -159,121 +158,60 @@ def floors(work: dict[str, dict], rates: dict[tuple, float], gbps: float, exps_p
     return out
 
 
-class _Counted:
-    """A session that counts and times its runs per phase: ``step`` (a decode step) unless the caller set
-    ``phase`` (RAG-Sequence's rescoring sets ``rescore``)."""
-
-    def __init__(self, session):
-        self._session, self.phase = session, "step"
-        self.calls, self.seconds = Counter(), Counter()
-
-    def run_with_iobinding(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return self._session.run_with_iobinding(*args, **kwargs)
-        finally:
-            self.calls[self.phase] += 1
-            self.seconds[self.phase] += time.perf_counter() - t0
-
-    def __getattr__(self, name):
-        return getattr(self._session, name)
-
-
-def _instrument(backend) -> tuple[list[tuple[int, int]], list[int]]:
-    """Count the backend's decoder (and head) calls by phase; returns the lists that rescoring calls append
-    their candidate shapes (candidates, length) to, and encoder calls their width."""
-    backend.decoder = _Counted(backend.decoder)
-    if backend.head is not None:
-        backend.head = _Counted(backend.head)
-    shapes, widths, label_logprobs, encode = [], [], backend.label_logprobs, backend.encode
-
-    def encoding(input_ids, attention_mask):
-        widths.append(input_ids.shape[1])
-        return encode(input_ids, attention_mask)
-
-    def rescoring(state, sequences, labels):
-        backend.decoder.phase = "rescore"
-        shapes.append(sequences.shape)
-        try:
-            return label_logprobs(state, sequences, labels)
-        finally:
-            backend.decoder.phase = "step"
-
-    backend.label_logprobs, backend.encode = rescoring, encoding
-    return shapes, widths
-
-
-def measure_runtime(export_dir: Path, inputs: list[tuple], params: dict, threads: int, rounds: int) -> dict:
-    """The runtime's stage times on the inputs: per question, per decode step (decoder and head calls),
-    and per rescoring call (RAG-Sequence)."""
+def measure_runtime(export_dir: Path, inputs: list[tuple], params: dict, threads: int, rounds: int,
+                    widths: list[int]) -> dict:
+    """The runtime's stage times on the inputs, from its ``StageTimer``: per question, per decode step
+    (decoder and head calls within the ``decode`` stage) and per rescoring call (RAG-Sequence).
+    ``widths``: the encoder input width of each encode of a question (RAG-Sequence encodes twice)."""
     from rag_runtime import RagPipeline, StageTimer
 
-    pipe = RagPipeline.load(export_dir, threads=threads, timer=StageTimer())
-    backend = pipe.generator.backend
-    shapes, widths = _instrument(backend)
+    timer = StageTimer()
+    pipe = RagPipeline.load(export_dir, threads=threads, timer=timer)
     pipe.generate_from_context(*inputs[0], **params)  # warm-up
-    pipe.timer.reset()
-    shapes.clear()
-    widths.clear()
-    for counted in (backend.decoder, backend.head):
-        if counted is not None:
-            counted.calls.clear()
-            counted.seconds.clear()
+    timer.reset()
     lat = []
     for _ in range(rounds):
         for args in inputs:
             t0 = time.perf_counter()
             pipe.generate_from_context(*args, **params)
             lat.append(time.perf_counter() - t0)
-    tot, n, dec = pipe.timer.totals, len(lat), backend.decoder
-    steps = dec.calls["step"]
+    tot, calls, values, n = timer.totals, timer.counts, timer.values, len(lat)
+    steps = calls["decode/onnxruntime/generator_decoder"]
     measured = {
         "question_p50_ms": float(np.median(lat)) * 1e3, "questions": n, "decode_steps_per_question": steps / n,
         "generator_encode_ms": tot["generator_encode"] * 1e3 / n,
         "encoder_graph_ms": tot["onnxruntime/generator_encoder"] * 1e3 / n,
-        "decoder_call_ms": dec.seconds["step"] * 1e3 / steps,
-        "decode_ms": tot["decode"] * 1e3 / n,
+        "decoder_call_ms": tot["decode/onnxruntime/generator_decoder"] * 1e3 / steps,
+        "decode_ms": (tot["decode"] + tot["rescore"]) * 1e3 / n,
         # Per encoder call of a question: RAG-Sequence encodes twice, masked for rescoring and, as the
         # reference does, unmasked at max_combined_length for generation.
-        "encoder_widths": [round(statistics.fmean(widths[i::len(widths) // n])) for i in range(len(widths) // n)],
+        "encoder_widths": widths,
     }
     if pipe.kind == "token":
-        return {**measured, "head_call_ms": backend.head.seconds["step"] * 1e3 / backend.head.calls["step"]}
-    host = tot["decode"] - tot["rescore"] - dec.seconds["step"]
+        head = "decode/onnxruntime/rag_token_head"
+        return {**measured, "head_call_ms": tot[head] * 1e3 / calls[head]}
+    rescoring = calls["rescore/onnxruntime/generator_decoder"]
+    host = tot["decode"] - tot["decode/onnxruntime/generator_decoder"]
+    passages = params["n_docs"]
     return {**measured, "host_per_step_ms": host * 1e3 / steps, "rescore_ms": tot["rescore"] * 1e3 / n,
-            "rescore_calls_per_question": len(shapes) / n, "rescore_call_ms": tot["rescore"] * 1e3 / len(shapes),
-            "rescore_rows_mean": statistics.fmean(c * length for c, length in shapes),
-            "candidate_length_mean": statistics.fmean(length for _, length in shapes)}
+            "rescore_calls_per_question": rescoring / n, "rescore_call_ms": tot["rescore"] * 1e3 / rescoring,
+            "rescore_rows_mean": values["rescore/positions"] / rescoring,
+            "candidate_length_mean": values["rescore/positions"] / (values["rescore/candidates"] * passages)}
 
 
 def lm_head_kernel(export_dir: Path, inputs: list[tuple], params: dict, threads: int, vocab: int) -> dict:
     """From onnxruntime's per-node profile of the decoder: the LM head's kernel time per decoder call (the
     MatMul/Gemm nodes whose output ends in ``vocab``). Profiling adds a cost per node that roughly doubles a
     call of some 150 small nodes, so only the big kernel's own time is taken from it, not its share."""
-    import onnxruntime as ort
+    import tempfile
 
-    from rag_runtime import RagPipeline, pipeline
+    from rag_runtime import RagPipeline
 
-    original = pipeline.create_session
-
-    def profiled(path, device, threads_=None, spinning=True):
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads_ or 1, 1, 3
-        opts.enable_profiling = Path(path).stem == "generator_decoder"
-        opts.profile_file_prefix = str(export_dir.parent / "floor-profile")
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-    pipeline.create_session = profiled
-    try:
-        pipe = RagPipeline.load(export_dir, threads=threads)
-    finally:
-        pipeline.create_session = original
-    for args in inputs:
-        pipe.generate_from_context(*args, **params)
-    trace = Path(pipe.generator.backend.decoder.end_profiling())
-    trace_events = json.loads(trace.read_text())
-    trace.unlink()
+    with tempfile.TemporaryDirectory(prefix="floor-profile-") as tmp:
+        pipe = RagPipeline.load(export_dir, threads=threads, profile=tmp)
+        for args in inputs:
+            pipe.generate_from_context(*args, **params)
+        trace_events = json.loads(pipe.end_profiling()["generator_decoder"].read_text())
     events = [e for e in trace_events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     calls = sum(e.get("cat") == "Session" and e["name"] == "model_run" for e in trace_events)
 
@@ -366,6 +304,12 @@ def _workload(workload: str, kind: str) -> tuple[Path, dict, dict]:
     return export_dir, dims, params
 
 
+def _max_combined_length(export_dir: Path) -> int:
+    from rag_runtime import Manifest
+
+    return Manifest.load(export_dir, verify=False).rag.max_combined_length
+
+
 def _inputs(export_dir: Path, workload: str, questions: int, threads: int) -> list[tuple]:
     """Per question, the supplied contexts (``benchmarks.device.contexts``) the stages run on."""
     from rag_runtime import RagPipeline
@@ -395,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     src = round(statistics.fmean(int(m.sum(axis=1).max()) for _, m, _ in inputs))
     start = load_avg()
     _log(f"load average {start:.2f}; measuring the runtime")
-    measured = measure_runtime(export_dir, inputs, params, args.threads, args.rounds)
+    widths = [src] if args.kind == "token" else [src, _max_combined_length(export_dir)]
+    measured = measure_runtime(export_dir, inputs, params, args.threads, args.rounds, widths)
     _log("measuring bandwidth and MatMul rates")
     gbps = bandwidth()
     work = stage_work(dims, src, N_DOCS * BEAMS, args.kind)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from rag_runtime.decoding import processors as P
-from rag_runtime.decoding.search import SearchSettings, beam_search
+from rag_runtime.decoding.search import BeamSearch, SearchSettings
 
 VOCAB = 50265
 
@@ -23,19 +23,15 @@ def bookkeeping_ms(batch: int, beams: int, steps: int, repeats: int) -> float:
     pool = [(np.sort(rng.standard_normal((batch, 2 * beams)).astype(np.float32))[:, ::-1] - 5,
              rng.integers(0, beams * VOCAB, (batch, 2 * beams))) for _ in range(64)]
     calls = 0
-
-    def candidates(flat, running, keep):
-        nonlocal calls
-        scores, ids = pool[calls % len(pool)]
-        calls += 1
-        return scores + running.max(axis=1, keepdims=True), ids // VOCAB, ids % VOCAB
-
-    proc = P.ProcessorSettings(max_length=steps + 1, min_length=steps + 1, eos_token_ids=(2,))
     search = SearchSettings(beams, 1, 1.0, True, 1, (2,))
     start = np.zeros((batch * beams, 1), np.int64)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        beam_search(candidates, lambda parents: None, start, proc, search)
+        state = BeamSearch(search, steps + 1, start)
+        while not state.done:
+            scores, ids = pool[calls % len(pool)]
+            calls += 1
+            state.advance(scores + state.running_scores.max(axis=1, keepdims=True), ids // VOCAB, ids % VOCAB)
     return (time.perf_counter() - t0) / calls * 1e3
 
 

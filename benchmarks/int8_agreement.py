@@ -333,8 +333,8 @@ def _rag_rows(pipe, ids: np.ndarray, mask: np.ndarray, scores: np.ndarray) -> tu
     """RAG-Token beam search over ``scores.shape[1]`` passages per question: generated tokens (without the
     decoder start) and scores."""
     gen = pipe.generator
-    decoded = gen.decode(ids, mask, scores, gen.options({**PARAMS, "n_docs": scores.shape[1]}))
-    return [gen.trim(s[0])[1:] for s in decoded.sequences], [float(s[0]) for s in decoded.scores]
+    decoded = gen.run(gen.requests(ids, mask, scores, gen.options({**PARAMS, "n_docs": scores.shape[1]})))
+    return [gen.trim(d.sequences[0])[1:] for d in decoded], [float(d.scores[0]) for d in decoded]
 
 
 def pipeline_agreement(fp32, int8, questions: list[str]) -> dict:
@@ -429,13 +429,6 @@ def context_agreement(sides: dict, vocab: list[str], inputs: list[tuple], forced
     return out, rows
 
 
-def _teacher_forced_logits(pipe, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """Decoder logits [rows, T, vocab] for ``tokens`` [rows, T] fed one step at a time."""
-    backend = pipe.generator.backend
-    session = backend.start(backend.encode(ids, mask), 1)
-    return np.stack([backend.step(session, tokens[:, t : t + 1]) for t in range(tokens.shape[1])], axis=1)
-
-
 def logits_drift(fp32, int8, inputs: list[tuple], answers: list[list[int]]) -> dict:
     """fp32's one-context answers teacher-forced through both exports: how far int8 moves the logits and
     the answer's log-probabilities, and how often it keeps the top-1 token, at the positions that
@@ -450,7 +443,7 @@ def logits_drift(fp32, int8, inputs: list[tuple], answers: list[list[int]]) -> d
         width = max(map(len, rows))
         tokens = np.array([r + [r[-1]] * (width - len(r)) for r in rows], dtype=np.int64)
         valid = np.array([[t < len(r) - 1 for t in range(width - 1)] for r in rows])
-        a, b = (_teacher_forced_logits(p, ids, mask, tokens[:, :-1])[valid] for p in (fp32, int8))
+        a, b = (p.decoder_logits(ids, mask, tokens[:, :-1])[valid] for p in (fp32, int8))
         nxt = tokens[:, 1:][valid]
         diffs.append(np.abs(a - b).ravel())
         scale = max(scale, float(np.abs(a).max()))

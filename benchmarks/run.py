@@ -41,6 +41,28 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def vector_isa() -> str:
+    """The widest x86 vector extension this CPU reports (every ratio moves with it: record it)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2")):
+        if flag in flags:
+            return name
+    return platform.machine()
+
+
+def host() -> dict:
+    """The machine a result was measured on."""
+    return {"cpus": os.cpu_count(), "machine": platform.machine(), "vector_isa": vector_isa(),
+            "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists()
+            else platform.processor(), "python": platform.python_version(),
+            "load_avg_1m": os.getloadavg()[0]}
+
+
 def write_results(stem: Path, report: dict, text: str) -> Path:
     """``stem``.json (the report) and ``stem``.md (its markdown), the folder made if needed; returns ``stem``."""
     stem.parent.mkdir(parents=True, exist_ok=True)

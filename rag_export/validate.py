@@ -15,6 +15,15 @@ from .errors import ValidationError
 from .judge import Tolerance, check_decisions, check_values
 
 VALIDATION_BEAMS = 2  # beams folded per context in the decoder check; decisions compare the top 2 x beams
+VALIDATION_STEPS = 5
+
+
+def decoder_check_name(steps: int = VALIDATION_STEPS) -> str:
+    """The manifest's ``validation`` key of the decoder check."""
+    return f"{C.LOGITS} ({steps} cached steps, mixed lengths, a join)"
+
+
+DECODER_LOGITS = decoder_check_name()
 
 
 def _session(path):
@@ -56,47 +65,69 @@ def validate_generator_encoder(path, generator, dims: DecoderDims, tol: Toleranc
 
 
 def validate_generator_decoder(encoder_path, decoder_path, generator, dims: DecoderDims, decoder_start: int,
-                               tol: Tolerance, steps: int = 5, beams: int = VALIDATION_BEAMS) -> dict[str, dict]:
-    """Encode with the exported encoder, then decode ``steps`` tokens one at a time with the KV cache and
-    ``beams`` folded rows per context, and compare the logits of every step with the PyTorch generator run
-    on the whole prefix: values against one tolerance for all steps, then decisions. From the third step
-    on, the beams of each context swap places through ``beam_idx`` (the cache reorder)."""
+                               tol: Tolerance, steps: int = VALIDATION_STEPS, beams: int = VALIDATION_BEAMS
+                               ) -> dict[str, dict]:
+    """Encode three contexts with the exported encoder, then decode ``steps`` tokens one at a time the way
+    the runtime drives the decoder, and compare every row's logits at every step with the PyTorch generator
+    run on that row's whole prefix: values against one tolerance for all steps, then decisions.
+
+    Two "questions" share the calls: one reads contexts 0 and 1 with ``beams`` rows each from the first step,
+    its beams swapping places through ``beam_idx`` from the third step on (the cache reorder); the other reads
+    context 2 with one row and joins at the third step, so rows of different lengths, an empty query slot of
+    the folded cross-attention and a join are all exercised. The cache is kept in slot buffers as the
+    runtime keeps it: the gathered past comes back as ``present_*`` and the new keys are written at each
+    row's position."""
     enc, dec = _session(encoder_path), _session(decoder_path)
-    ids, mask = _sample_ids(dims.vocab, 2, 11, seed=2)
+    ids, mask = _sample_ids(dims.vocab, 3, 11, seed=2)
     cross = enc.run(None, {C.INPUT_IDS: ids.numpy(), C.ATTENTION_MASK: mask.numpy()})[1:]
     cross_names = C.per_layer(dims.layers, C.CROSS_KEYS, C.CROSS_VALUES)
     past_names = C.per_layer(dims.layers, C.PAST_KEYS, C.PAST_VALUES)
-    rows = ids.shape[0] * beams
     g = torch.Generator().manual_seed(3)
-    dec_ids = torch.randint(5, max(6, min(dims.vocab, 30000)), (rows, steps), generator=g)
+    first_rows, late_start = 2 * beams, 2
+    dec_ids = torch.randint(5, max(6, min(dims.vocab, 30000)), (first_rows + 1, steps), generator=g)
     dec_ids[:, 0] = decoder_start
+    enc_of = np.array([r // beams for r in range(first_rows)] + [2])  # each reference row's context
     with torch.no_grad():
-        ref_logits = generator(input_ids=ids.repeat_interleave(beams, 0),
-                               attention_mask=mask.repeat_interleave(beams, 0),
-                               decoder_input_ids=dec_ids).logits.numpy()
-    kv_dtype = next(i.type for i in dec.get_inputs() if i.name == past_names[0])
-    past = [np.zeros((rows, dims.heads, 0, dims.head_dim), dtype=np.float16 if kv_dtype == "tensor(float16)"
-                     else np.float32)] * len(past_names)
-    order = np.arange(rows)  # decoder row i continues reference row order[i]
-    swap = np.arange(rows).reshape(-1, beams)[:, ::-1].reshape(-1)
+        ref_logits = generator(input_ids=ids[enc_of], attention_mask=mask[enc_of], decoder_input_ids=dec_ids).logits.numpy()
+    kv_dtype = np.float16 if next(i.type for i in dec.get_inputs() if i.name == past_names[0]) == "tensor(float16)" \
+        else np.float32
+    past = [np.zeros((1, dims.heads, steps, dims.head_dim), dtype=kv_dtype)] * len(past_names)
+    swap = np.arange(first_rows).reshape(-1, beams)[:, ::-1].reshape(-1)
+    order = np.arange(first_rows)  # decoder row i of the first question continues reference row order[i]
     got, want = [], []
     for t in range(steps):
-        beam_idx = swap if t >= 2 else np.arange(rows)
-        order = order[beam_idx]
-        logits, *past = dec.run(None, {
-            C.DECODER_INPUT_IDS: dec_ids[order, t : t + 1].numpy(), C.BEAM_IDX: beam_idx,
-            C.ENCODER_ATTENTION_MASK: mask.numpy(), **dict(zip(past_names, past, strict=True)),
-            **dict(zip(cross_names, cross, strict=True)),
-        })
+        late = t >= late_start
+        rows = first_rows + late
+        reorder = swap if t >= 2 else np.arange(first_rows)
+        order = order[reorder]
+        # Rows that join continue any row (their length is 0): the first call's past has a single row.
+        first = reorder if t > 0 else np.zeros(first_rows, dtype=np.int64)
+        beam_idx = np.concatenate([first, [first_rows if t > late_start else 0] if late else []]).astype(np.int64)
+        ref_rows = np.concatenate([order, [first_rows] if late else []]).astype(np.int64)
+        positions = np.array([t] * first_rows + ([t - late_start] if late else []), dtype=np.int64)
+        tokens = dec_ids[ref_rows, positions].numpy()[:, None]
+        slots = np.full((3, beams), rows, dtype=np.int64)
+        slots[:2] = np.arange(first_rows).reshape(2, beams)
+        if late:
+            slots[2, 0] = first_rows
+        decoder_slots = np.array([r for r in range(first_rows)] + ([2 * beams] if late else []), dtype=np.int64)
+        logits, *outs = dec.run(None, {
+            C.DECODER_INPUT_IDS: tokens, C.POSITIONS: positions, C.BEAM_IDX: beam_idx, C.CROSS_QUERY_ROWS: slots,
+            C.DECODER_SLOTS: decoder_slots, C.ENCODER_ATTENTION_MASK: mask.numpy(),
+            **dict(zip(past_names, past, strict=True)), **dict(zip(cross_names, cross, strict=True))})
         if logits.shape != (rows, 1, dims.vocab):
             raise ValidationError(C.GENERATOR_DECODER, f"{C.LOGITS}[step {t}]",
                                   f"has shape {logits.shape}, expected {(rows, 1, dims.vocab)}")
+        present, new = outs[: len(past_names)], outs[len(past_names) :]
+        for buf, kv in zip(present, new, strict=True):
+            buf[np.arange(rows), :, positions] = kv[:, :, 0]
+        past = present
         got.append(logits[:, 0])
-        want.append(ref_logits[order, t])
-    name = f"{C.LOGITS} ({steps} cached steps)"
-    figures = check_values(C.GENERATOR_DECODER, name, np.stack(got), np.stack(want), tol)
-    figures["decisions"] = check_decisions(C.GENERATOR_DECODER, name, np.stack(got), np.stack(want), 2 * beams, tol,
-                                           figures["tolerance"])
+        want.append(ref_logits[ref_rows, positions])
+    name = decoder_check_name(steps)
+    got, want = np.concatenate(got), np.concatenate(want)
+    figures = check_values(C.GENERATOR_DECODER, name, got, want, tol)
+    figures["decisions"] = check_decisions(C.GENERATOR_DECODER, name, got, want, 2 * beams, tol, figures["tolerance"])
     return {name: figures}
 
 

@@ -58,3 +58,20 @@ def test_floor_benchmark_reports_every_stage_above_its_floor(tmp_path, monkeypat
         assert question.startswith("question p50") and measured > floor_ms
     assert report["measured"]["rescore_calls_per_question"] == 5  # one per passage
     assert "rescore, one passage" in (tmp_path / "sequence.md").read_text()
+
+
+def test_serve_load_measures_every_scheduling_mode(bundles, tmp_path):
+    """A few seconds of the load benchmark against real servers, in each mode, with the engine's counters."""
+    from benchmarks import serve_load
+
+    export = bundles[("token", "bart")].export
+    assert serve_load.main(["--workload", "tiny", "--export", str(export), "--rates", "10", "--concurrency", "3",
+                            "--duration", "1.5", "--idle-requests", "3", "--mixed", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "serve-tiny-mixed.json").read_text())
+    assert list(report["modes"]) == list(serve_load.MODES)
+    for mode, r in report["modes"].items():
+        points = [r["idle"], *r["open_loop"], *r["closed_loop"]]
+        assert all(p["ok"] == p["sent"] > 0 and p["p99_ms"] >= p["p50_ms"] > 0 for p in points), mode
+    engine = report["modes"]["engine"]["closed_loop"][0]["engine"]
+    assert engine["steps"] > 0 and engine["rows_per_step"] >= 1 and 0 < engine["busy_share"] <= 1.5
+    assert report["host"]["vector_isa"] and (tmp_path / "serve-tiny-mixed.png").exists()

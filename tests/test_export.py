@@ -14,6 +14,7 @@ import pytest
 from conftest import COMBOS, build_checkpoint, build_export
 from rag_export import ExportError, ValidationError, export
 from rag_export.cli import main as export_main
+from rag_export.validate import DECODER_LOGITS
 from rag_runtime import ArtifactError
 from rag_runtime import constants as C
 from rag_runtime.files import sha256_file
@@ -41,10 +42,11 @@ def test_export_layout_and_manifest(bundles, kind, generator):
                 "early_stopping", "decoder_start_token_id", "eos_token_id", "pad_token_id"):
         assert manifest["generation_defaults"][key] is not None, key
     assert manifest["index"]["count"] == 320
-    logits = manifest["validation"]["generator_decoder"]["logits (5 cached steps)"]
+    logits = manifest["validation"]["generator_decoder"][DECODER_LOGITS]
     assert logits["max_abs_diff"] < 1e-3 and logits["max_abs_diff"] <= logits["tolerance"]
     decisions = logits["decisions"]
-    assert decisions["rows_agreeing"] == decisions["rows"] == 20 and decisions["top_k"] == 4
+    # 4 rows (2 contexts x 2 beams) over 5 steps, and the row that joins at the third step over 3.
+    assert decisions["rows_agreeing"] == decisions["rows"] == 4 * 5 + 3 and decisions["top_k"] == 4
     for graph, outputs in manifest["validation"].items():
         for output, figures in outputs.items():
             assert figures["max_abs_diff"] <= figures["tolerance"], (graph, output, figures)
@@ -227,9 +229,9 @@ def test_fp16_export_keeps_sensitive_ops_in_fp32_records_drift_and_serves(work_d
     manifest = json.loads((out / C.MANIFEST_FILE).read_text())
     assert manifest["precision"] == "fp16" and manifest["decoder"]["kv_dtype"] == "float16"
     drift = manifest["validation"]["fp16_drift"]
-    logits = drift["generator_decoder"]["logits (5 cached steps)"]
+    logits = drift["generator_decoder"][DECODER_LOGITS]
     assert 0 < logits["max_abs_diff"] < 0.1  # measured, never claimed identical
-    assert logits["decisions"]["rows"] == 20  # how often fp16 keeps the top-k tokens: reported, not enforced
+    assert logits["decisions"]["rows"] == 4 * 5 + 3  # how often fp16 keeps the top-k tokens: reported, not enforced
     io = {i["name"]: i["dtype"] for i in manifest["graphs"]["generator_decoder"]["inputs"]
           + manifest["graphs"]["generator_decoder"]["outputs"]}
     per_layer = [io[f"{name}.{i}"] for name in (C.PAST_KEYS, C.PRESENT_KEYS, C.CROSS_KEYS, C.CROSS_VALUES)

@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from rag_runtime import ArtifactError, RagPipeline
+from rag_runtime import ArtifactError, RagPipeline, StageTimer
 from rag_runtime import constants as C
 from rag_runtime.cli import main as generate_main
 
@@ -156,20 +156,6 @@ def test_rag_generate_cli_bad_input(bundles, capsys):
     assert err.startswith("rag-generate: error: num_beams") and "Traceback" not in err
 
 
-class _CountingHead:
-    """Wraps the head session and counts its calls."""
-
-    def __init__(self, session):
-        self.session, self.calls = session, 0
-
-    def run_with_iobinding(self, *args, **kwargs):
-        self.calls += 1
-        return self.session.run_with_iobinding(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.session, name)
-
-
 @pytest.mark.parametrize("generator", ["bart", "t5"])
 @pytest.mark.parametrize(("params", "fused_steps"), [
     (dict(num_beams=3, max_length=12, min_length=6, no_repeat_ngram_size=2), True),  # bans travel as indices
@@ -178,11 +164,10 @@ class _CountingHead:
 ], ids=["bans", "bad_words", "repetition"])
 def test_fused_rag_token_head_matches_the_host_path(bundles, questions, generator, params, fused_steps):
     export = bundles[("token", generator)].export
-    fused, host = RagPipeline.load(export), RagPipeline.load(export, fused_head=False)
-    head = fused.generator.backend.head = _CountingHead(fused.generator.backend.head)
-    assert host.generator.backend.head is None
+    timer = StageTimer()
+    fused, host = RagPipeline.load(export, timer=timer), RagPipeline.load(export, fused_head=False)
     got, want = fused.generate(questions[:3], **params), host.generate(questions[:3], **params)
-    assert (head.calls > 0) == fused_steps
+    assert (timer.counts["onnxruntime/rag_token_head"] > 0) == fused_steps
     for g, w in zip(got, want, strict=True):
         assert [a.token_ids for a in g.answers] == [a.token_ids for a in w.answers]
         np.testing.assert_allclose([a.score for a in g.answers], [a.score for a in w.answers], rtol=1e-5)
@@ -193,12 +178,12 @@ def test_fused_rag_token_head_matches_the_host_path(bundles, questions, generato
 def test_sequence_scorer_matches_the_host_path(bundles, questions, generator):
     """RAG-Sequence rescoring through the exported scorer (label log-probs read off the device) ranks
     and scores like the host path that brings the logits back (exports made before the scorer)."""
-    pipe = RagPipeline.load(bundles[("sequence", generator)].export)
-    host = RagPipeline.load(bundles[("sequence", generator)].export)
-    assert pipe.generator.backend.scorer is not None
-    host.generator.backend.scorer = None
+    timer = StageTimer()
+    pipe = RagPipeline.load(bundles[("sequence", generator)].export, timer=timer)
+    host = RagPipeline.load(bundles[("sequence", generator)].export, sequence_scorer=False)
     params = dict(num_beams=3, max_length=10, num_return_sequences=3, n_docs=4)
     got, want = pipe.generate(questions[:3], **params), host.generate(questions[:3], **params)
+    assert timer.counts["onnxruntime/sequence_scorer"] > 0
     for g, w in zip(got, want, strict=True):
         assert [a.token_ids for a in g.answers] == [a.token_ids for a in w.answers]
         np.testing.assert_allclose([a.score for a in g.answers], [a.score for a in w.answers], rtol=1e-5, atol=1e-5)
@@ -216,10 +201,11 @@ def test_export_made_before_the_scorer_graph_still_answers(bundles, questions, t
     del manifest["files"][C.SEQUENCE_SCORER_FILE]
     (old / C.SEQUENCE_SCORER_FILE).unlink()
     (old / C.MANIFEST_FILE).write_text(json.dumps(manifest))
-    pipe = RagPipeline.load(old)
-    assert pipe.generator.backend.scorer is None
+    timer = StageTimer()
+    pipe = RagPipeline.load(old, timer=timer)
     params = dict(num_beams=2, max_length=9, num_return_sequences=2)
     got, want = pipe.generate(questions[:2], **params), RagPipeline.load(src).generate(questions[:2], **params)
+    assert "onnxruntime/sequence_scorer" not in timer.counts and timer.counts["rescore"] > 0
     assert [[a.token_ids for a in r.answers] for r in got] == [[a.token_ids for a in r.answers] for r in want]
 
 

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 
 from benchmarks.serve_process import ServerProcess, metric
@@ -47,6 +48,21 @@ def _expected(pipe, question: str, params: dict) -> dict:
             "docs": [{"id": d.id, "title": d.title, "text": d.text, "score": d.score} for d in r.docs]}
 
 
+def _assert_answers(results: list[dict], expected: list[dict]) -> None:
+    """Served results equal generate() alone: texts, token ids and passages exactly, scores within 1e-4
+    (a question decoded beside others sums in another order: the last float digits may move)."""
+    def scores(rs, key):
+        return [x["score"] for r in rs for x in r[key]]
+
+    def without_scores(rs):
+        return [{**r, **{key: [{k: v for k, v in x.items() if k != "score"} for x in r[key]]
+                         for key in ("answers", "docs")}} for r in rs]
+
+    assert without_scores(results) == without_scores(expected)
+    for key in ("answers", "docs"):
+        np.testing.assert_allclose(scores(results, key), scores(expected, key), rtol=1e-4, atol=1e-5)
+
+
 def test_ready_only_after_warmup(server):
     seen = [s for s in server.startup if s is not None]
     assert seen[0] == 503 and seen[-1] == 200, server.startup
@@ -60,11 +76,11 @@ def test_concurrent_answers_equal_generate_alone(server, bundle, questions):
         responses = list(pool.map(lambda job: _post(server.url, {"question": job[0], **job[1]}), jobs))
     for (q, params), resp in zip(jobs, responses, strict=True):
         assert resp.status_code == 200, resp.text
-        assert resp.json() == {"results": [_expected(bundle.pipeline, q, params)]}
-    assert max(int(r.headers["x-batch-size"]) for r in responses) > 1  # concurrent requests were batched
+        _assert_answers(resp.json()["results"], [_expected(bundle.pipeline, q, params)])
+    assert max(float(r.headers["x-batch-size"]) for r in responses) > 1  # concurrent requests decoded together
 
     many = _post(server.url, {"questions": questions[:3], "num_beams": 2})
-    assert many.json()["results"] == [_expected(bundle.pipeline, q, {"num_beams": 2}) for q in questions[:3]]
+    _assert_answers(many.json()["results"], [_expected(bundle.pipeline, q, {"num_beams": 2}) for q in questions[:3]])
 
 
 def test_retrieve(server, bundle, questions):
@@ -86,6 +102,9 @@ def test_info(server, bundle):
     size = info["index"]["size"]
     assert isinstance(size, int) and max(d.id for d in bundle.pipeline.retrieve(["a"], n_docs=5)[0]) < size
     assert info["limits"]["max_batch_size"] == 8 and info["limits"]["max_wait_ms"] == 50
+    engine = info["scheduler"]
+    assert engine["kind"] == "engine" and engine["max_rows"] >= 1 and engine["bytes_per_row"] > 0
+    assert engine["cache_bytes_per_row"] < engine["bytes_per_row"]
 
 
 BAD = [
@@ -151,7 +170,7 @@ def test_new_generation_options_over_http_equal_generate(server, bundle, questio
               "do_sample": True, "seed": 9, "top_k": 20, "top_p": 0.9, "suppress_tokens": [40]}
     resp = _post(server.url, {"question": questions[6], **params})
     assert resp.status_code == 200, resp.text
-    assert resp.json() == {"results": [_expected(bundle.pipeline, questions[6], params)]}
+    _assert_answers(resp.json()["results"], [_expected(bundle.pipeline, questions[6], params)])
     answer = resp.json()["results"][0]["answers"][0]["token_ids"]
     assert answer[0] == 5 and 40 not in answer and len(answer) <= 8
 
@@ -321,15 +340,15 @@ def test_batcher_stop_answers_what_is_still_queued():
 
 
 class _FailingOn:
-    """The real pipeline, except that a batch holding ``trigger`` raises (an inference fault)."""
+    """The real pipeline, except that preparing a question ``trigger`` raises (an inference fault)."""
 
     def __init__(self, pipe, trigger: str):
         self._pipe, self._trigger = pipe, trigger
 
-    def generate(self, questions, **kwargs):
+    def prepare(self, questions, opts):
         if self._trigger in questions:
             raise RuntimeError("simulated inference failure")
-        return self._pipe.generate(questions, **kwargs)
+        return self._pipe.prepare(questions, opts)
 
     def __getattr__(self, name):
         return getattr(self._pipe, name)
@@ -375,6 +394,52 @@ def test_inference_fault_fails_that_batch_and_repeated_faults_make_it_unready(bu
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_a_question_past_its_deadline_leaves_the_running_decode(bundle, questions):
+    """The engine: a request whose deadline passes while it decodes gets 504, and its question leaves the
+    decode at the next step (it does not compute to the end); a request sent after it is answered."""
+    with ServerProcess(bundle.export) as s:
+        before = httpx.get(s.url + "/metrics").text
+        late = _post(s.url, {"question": "slow", **SLOW, "timeout_s": 0.4})
+        assert late.status_code == 504 and late.json()["type"] == "deadline_exceeded", late.text
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = httpx.get(s.url + "/metrics").text
+            if metric(text, "rag_engine_leaves_total", reason="cancelled") == 1:
+                break
+            time.sleep(0.05)
+        assert metric(text, "rag_engine_leaves_total", reason="cancelled") == 1
+        assert metric(text, "rag_cancelled_total", reason="deadline") == 1
+        steps = metric(text, "rag_decoder_rows_count") - metric(before, "rag_decoder_rows_count")
+        assert 0 < steps < SLOW["max_length"] - 1, f"{steps} steps: it decoded to the end"
+        ok = _post(s.url, {"question": questions[0], "num_beams": 2})
+        _assert_answers(ok.json()["results"], [_expected(bundle.pipeline, questions[0], {"num_beams": 2})])
+        assert metric(httpx.get(s.url + "/metrics").text, "rag_active_questions") == 0
+
+
+def test_staggered_requests_with_different_parameters_share_the_decode(bundle, questions):
+    """Requests with different parameters, sent one after another while a long one decodes, join its running
+    decode, and each answer equals generate() on that question alone."""
+    grid = [{"num_beams": 1, "n_docs": 3}, {"num_beams": 3, "num_return_sequences": 2, "no_repeat_ngram_size": 2},
+            {"num_beams": 2, "n_docs": 2}, {"do_sample": True, "seed": 3, "num_beams": 2},
+            {"max_new_tokens": 6, "num_beams": 3}, {"num_beams": 4, "max_length": 12, "min_length": 9}]
+    jobs = [(questions[9], {"num_beams": 4, "min_length": 200, "max_length": 200})]
+    jobs += [(questions[10 + i], grid[i % len(grid)]) for i in range(10)]
+    with ServerProcess(bundle.export) as s, ThreadPoolExecutor(len(jobs)) as pool:
+        def send(i):
+            time.sleep(0.1 + 0.05 * i if i else 0)
+            return _post(s.url, {"question": jobs[i][0], **jobs[i][1]})
+
+        responses = list(pool.map(send, range(len(jobs))))
+        text = httpx.get(s.url + "/metrics").text
+    for (q, params), resp in zip(jobs, responses, strict=True):
+        assert resp.status_code == 200, resp.text
+        _assert_answers(resp.json()["results"], [_expected(bundle.pipeline, q, params)])
+    assert metric(text, "rag_engine_joins_total") == len(jobs)
+    # Each later request decoded beside the long one (mean questions per step of its decode).
+    assert all(float(r.headers["x-batch-size"]) >= 2 for r in responses[1:]), [r.headers["x-batch-size"]
+                                                                              for r in responses]
 
 
 def test_caps_apply_to_the_exports_defaults_too(bundle):

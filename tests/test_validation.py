@@ -12,10 +12,9 @@ from conftest import build_checkpoint
 from rag_export import ValidationError, export
 from rag_export.cli import main as export_main
 from rag_export.judge import GROSS, Tolerance, check_decisions, check_values
+from rag_export.validate import DECODER_LOGITS
 from rag_runtime import constants as C
 from support import assert_not_degenerate, reference_tokens, spread_checkpoint
-
-DECODER_LOGITS = "logits (5 cached steps)"
 
 
 def _logits(rows: int = 6, vocab: int = 50, scale: float = 10.0) -> np.ndarray:

@@ -1,8 +1,14 @@
 """Attention written out with explicit K/V layouts, shared by the BART and T5 graphs.
 
-Layouts: keys/values are ``[rows, heads, length, head_dim]``. Cross-attention is *beam-folded*: the
-decoder has ``rows = enc_rows * k`` rows ordered (passage, beam), and the ``k`` beams of one passage
-become extra query positions against that passage's K/V, so encoder outputs are never copied per beam.
+Layouts: keys/values are ``[rows, heads, length, head_dim]``. Cross-attention is *beam-folded*: the decoder
+rows that read one encoder row (a passage's beams, of one question or another) become extra query positions
+against that passage's K/V, so encoder outputs are never copied per beam. Rows map onto encoder rows through
+``cross_query_rows`` [enc_rows, fold] (the decoder row in each of an encoder row's ``fold`` query slots, or
+``rows`` for an empty slot) and ``decoder_slots`` [rows] (each row's slot, ``enc_row * fold + slot``), so
+any number of beams per passage shares one call.
+
+Self-attention reads a preallocated cache (:class:`SlotCache`): each row has its own length (``positions``),
+and the positions past it are masked.
 """
 
 from __future__ import annotations
@@ -27,11 +33,10 @@ def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
-def causal_bias(past_len: torch.Tensor, new_len: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[new, past+new] additive bias: query i (absolute position past+i) sees keys 0..past+i."""
-    q_pos = torch.arange(new_len) + past_len
-    k_pos = torch.arange(new_len + past_len)
-    return (k_pos[None, :] > q_pos[:, None]).to(dtype) * torch.finfo(dtype).min
+def causal_bias(new_len: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[new, new] additive bias among new tokens: query i sees new keys 0..i."""
+    pos = torch.arange(new_len)
+    return (pos[None, :] > pos[:, None]).to(dtype) * torch.finfo(dtype).min
 
 
 def _scores(q, k, scale: float | None) -> torch.Tensor:
@@ -39,21 +44,17 @@ def _scores(q, k, scale: float | None) -> torch.Tensor:
     return scores if scale is None else scores * scale  # scaled after the product, as transformers does
 
 
-def self_attention(q, k, v, bias, scale: float | None) -> torch.Tensor:
-    """q [rows,H,t,d], k/v [rows,H,p+t,d], bias broadcastable to [rows,H,t,p+t]."""
-    scores = _scores(q, k, scale) + bias
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
-
-
-def folded_cross_attention(q, k, v, enc_bias, scale: float | None) -> torch.Tensor:
-    """q [enc_rows*beams, H, t, d]; k/v [enc_rows, H, src, d]; enc_bias [enc_rows, 1, 1, src]."""
+def folded_cross_attention(q, k, v, enc_bias, scale: float | None, cross_query_rows, decoder_slots) -> torch.Tensor:
+    """q [rows, H, t, d]; k/v [enc_rows, H, src, d]; enc_bias [enc_rows, 1, 1, src]; the row maps above."""
     rows, heads, t, dim = q.shape
-    enc_rows = k.shape[0]
-    beams = rows // enc_rows
-    qf = q.reshape(enc_rows, beams, heads, t, dim).transpose(1, 2).reshape(enc_rows, heads, beams * t, dim)
+    enc_rows, fold = cross_query_rows.shape[0], cross_query_rows.shape[1]
+    padded = torch.cat([q, torch.zeros_like(q[:1])], dim=0)  # row `rows`: the query of an empty slot
+    qf = padded.index_select(0, cross_query_rows.reshape(-1))
+    qf = qf.reshape(enc_rows, fold, heads, t, dim).transpose(1, 2).reshape(enc_rows, heads, fold * t, dim)
     scores = _scores(qf, k, scale) + enc_bias
     out = torch.matmul(torch.softmax(scores, dim=-1), v)
-    return out.reshape(enc_rows, heads, beams, t, dim).transpose(1, 2).reshape(rows, heads, t, dim)
+    out = out.reshape(enc_rows, heads, fold, t, dim).transpose(1, 2).reshape(enc_rows * fold, heads, t, dim)
+    return out.index_select(0, decoder_slots)
 
 
 def split_layers(tensors: tuple[torch.Tensor, ...], layers: int) -> tuple[list[torch.Tensor], ...]:
@@ -64,27 +65,43 @@ def split_layers(tensors: tuple[torch.Tensor, ...], layers: int) -> tuple[list[t
     return tuple(list(tensors[i * layers : (i + 1) * layers]) for i in range(4))
 
 
-class StepCache:
-    """The self-attention cache of one decoder call: each layer's past rows reordered by ``beam_idx`` (row
-    ``i`` continues past row ``beam_idx[i]``), its new keys and values appended to them."""
+class SlotCache:
+    """The self-attention cache of one decoder call over rows of different lengths.
+
+    Each layer's past ``[past_rows, H, width, d]`` is read from the runtime's slot buffer; row ``i``
+    continues past row ``beam_idx[i]`` (the beam reorder, and the rows that left or joined since the last
+    call) and has ``positions[i]`` valid positions, the rest masked. The new tokens' keys and values are
+    attended beside the past (causally among themselves) without being concatenated to it: the graph returns
+    the gathered past (``present_*``, the runtime's next slot buffer) and the new keys and values
+    (``new_*``), which the runtime writes at each row's position.
+    """
 
     def __init__(self, past_keys: list[torch.Tensor], past_values: list[torch.Tensor], beam_idx: torch.Tensor,
-                 heads: int):
+                 positions: torch.Tensor, heads: int, new_len, dtype: torch.dtype):
         self._past_k = [k.index_select(0, beam_idx) for k in past_keys]
         self._past_v = [v.index_select(0, beam_idx) for v in past_values]
-        self.past_len = past_keys[0].shape[2]
+        self.width = past_keys[0].shape[2]
+        self.positions = positions
+        valid = torch.arange(self.width)[None, :] < positions[:, None]
+        self.past_bias = ((~valid).to(dtype) * torch.finfo(dtype).min)[:, None, None, :]  # [rows, 1, 1, width]
+        self.new_bias = causal_bias(new_len, dtype)  # [t, t]
         self._heads = heads
-        self._keys: list[torch.Tensor] = []
-        self._values: list[torch.Tensor] = []
+        self._new_k: list[torch.Tensor] = []
+        self._new_v: list[torch.Tensor] = []
 
-    def extend(self, layer: int, new_keys: torch.Tensor, new_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``layer``'s keys and values for attention: its past followed by the new [rows, t, H*d] ones."""
-        k = torch.cat([self._past_k[layer], split_heads(new_keys, self._heads)], dim=2)
-        v = torch.cat([self._past_v[layer], split_heads(new_values, self._heads)], dim=2)
-        self._keys.append(k)
-        self._values.append(v)
-        return k, v
+    def attend(self, layer: int, q, new_keys, new_values, scale: float | None, past_bias=None, new_bias=None):
+        """Layer ``layer``'s attention of queries q [rows, H, t, d] over the row's past and the new
+        [rows, t, H*d] keys and values; ``past_bias``/``new_bias`` add position biases (T5)."""
+        k, v = split_heads(new_keys, self._heads), split_heads(new_values, self._heads)
+        self._new_k.append(k)
+        self._new_v.append(v)
+        past_scores = _scores(q, self._past_k[layer], scale) + self.past_bias
+        new_scores = _scores(q, k, scale) + self.new_bias
+        if past_bias is not None:
+            past_scores, new_scores = past_scores + past_bias, new_scores + new_bias
+        p = torch.softmax(torch.cat([past_scores, new_scores], dim=-1), dim=-1)
+        return torch.matmul(p[..., : self.width], self._past_v[layer]) + torch.matmul(p[..., self.width :], v)
 
-    def present(self) -> tuple[torch.Tensor, ...]:
-        """Every layer's keys, then every layer's values: the graph's ``present_keys.*``, ``present_values.*``."""
-        return (*self._keys, *self._values)
+    def outputs(self) -> tuple[torch.Tensor, ...]:
+        """The graph's ``present_keys.*``, ``present_values.*``, ``new_keys.*``, ``new_values.*``, in order."""
+        return (*self._past_k, *self._past_v, *self._new_k, *self._new_v)

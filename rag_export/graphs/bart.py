@@ -58,7 +58,8 @@ def _cross_projections(generator: nn.Module) -> list[tuple[nn.Module, nn.Module]
 
 
 class BartDecoderGraph(nn.Module):
-    """One decoder call: ``t`` new tokens after ``past_len`` cached ones, beams folded over cross K/V."""
+    """One decoder call: ``t`` new tokens per row after that row's ``positions`` cached ones, rows of any
+    question mapped onto their passages' cross K/V (see :mod:`.attention`)."""
 
     def __init__(self, generator: nn.Module, layout: BartLayout = BART_LAYOUT):
         super().__init__()
@@ -75,13 +76,13 @@ class BartDecoderGraph(nn.Module):
         self.heads, self.layers = dims.heads, dims.layers
         self.scale = dims.head_dim**-0.5
 
-    def _embed(self, decoder_input_ids: torch.Tensor, past_len) -> torch.Tensor:
+    def _embed(self, decoder_input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         dec = self.decoder
         h = dec.embed_tokens(decoder_input_ids)
         if self.embed_scale is not None:
             h = h * self.embed_scale
-        positions = torch.arange(decoder_input_ids.shape[1]) + past_len + self.layout.position_offset
-        h = h + F.embedding(positions, dec.embed_positions.weight)
+        at = positions[:, None] + torch.arange(decoder_input_ids.shape[1])[None, :] + self.layout.position_offset
+        h = h + F.embedding(at, dec.embed_positions.weight)
         return dec.layernorm_embedding(h) if self.layout.embedding_norm else h
 
     def _sublayer(self, h: torch.Tensor, norm: nn.Module, body: Callable[[torch.Tensor], torch.Tensor]):
@@ -90,23 +91,23 @@ class BartDecoderGraph(nn.Module):
             return h + body(norm(h))
         return norm(h + body(h))
 
-    def forward(self, decoder_input_ids, beam_idx, encoder_attention_mask, *layer_tensors):
+    def forward(self, decoder_input_ids, positions, beam_idx, cross_query_rows, decoder_slots, encoder_attention_mask,
+                *layer_tensors):
         past_keys, past_values, cross_keys, cross_values = A.split_layers(layer_tensors, self.layers)
-        cache = A.StepCache(past_keys, past_values, beam_idx, self.heads)
-        h = self._embed(decoder_input_ids, cache.past_len)
-        self_bias = A.causal_bias(cache.past_len, decoder_input_ids.shape[1], h.dtype)
+        h = self._embed(decoder_input_ids, positions)
+        cache = A.SlotCache(past_keys, past_values, beam_idx, positions, self.heads, decoder_input_ids.shape[1], h.dtype)
         enc_bias = A.mask_bias(encoder_attention_mask, h.dtype)
         for i, layer in enumerate(self.decoder.layers):
             att, cross = layer.self_attn, layer.encoder_attn
 
             def self_attention(x, att=att, i=i):
                 q = A.split_heads(att.q_proj(x), self.heads)
-                k, v = cache.extend(i, att.k_proj(x), att.v_proj(x))
-                return att.out_proj(A.merge_heads(A.self_attention(q, k, v, self_bias, self.scale)))
+                return att.out_proj(A.merge_heads(cache.attend(i, q, att.k_proj(x), att.v_proj(x), self.scale)))
 
             def cross_attention(x, cross=cross, i=i):
                 q = A.split_heads(cross.q_proj(x), self.heads)
-                out = A.folded_cross_attention(q, cross_keys[i], cross_values[i], enc_bias, self.scale)
+                out = A.folded_cross_attention(q, cross_keys[i], cross_values[i], enc_bias, self.scale,
+                                               cross_query_rows, decoder_slots)
                 return cross.out_proj(A.merge_heads(out))
 
             h = self._sublayer(h, layer.self_attn_layer_norm, self_attention)
@@ -114,7 +115,7 @@ class BartDecoderGraph(nn.Module):
             h = self._sublayer(h, layer.final_layer_norm, lambda x, la=layer: la.fc2(la.activation_fn(la.fc1(x))))
         if self.layout.final_norm:
             h = self.decoder.layer_norm(h)
-        return (self.lm_head(h) + self.final_logits_bias, *cache.present())
+        return (self.lm_head(h) + self.final_logits_bias, *cache.outputs())
 
 
 def bart_like_family(name: str, layout: BartLayout, check_config: Callable[[object], None] | None = None,

@@ -3,11 +3,14 @@ lives in that family's module).
 
 ``generator_encoder``: context ids/mask -> encoder states and every decoder layer's cross-attention
 K/V, computed once per query (cross K/V and the self-attention cache are one tensor per layer).
-``generator_decoder``: ``t`` new tokens with self-attention past K/V in and present K/V out (``t`` = 1
-per decode step; ``t`` = the whole answer for teacher-forced rescoring); the first step passes a
-zero-length past, so one graph serves every step with no If node. ``beam_idx`` reorders the past rows
-first (row ``i`` continues from past row ``beam_idx[i]``), so beam search reorders the cache where it
-lives, inside the decoder call, instead of gathering it on the host.
+``generator_decoder`` (format 4): ``t`` new tokens per row (``t`` = 1 per decode step; the whole answer for
+teacher-forced rescoring) over rows of different lengths and questions. Each row gives its cached length
+(``positions``) and the row of the last call's cache it continues (``beam_idx``: the beam reorder, and the
+rows that left or joined, in one gather, done where the cache lives); the past comes from the runtime's slot
+buffer, masked past each row's length, and goes back gathered (``present_*``) beside the new tokens' keys
+and values (``new_*``), which the runtime writes at each row's position. Decoder rows map onto encoder rows
+through ``cross_query_rows``/``decoder_slots`` (any number of beams per passage). A zero-length past serves
+a first step, so one graph serves every call with no If node.
 """
 
 from __future__ import annotations
@@ -38,19 +41,25 @@ DECODER_SPEC = GraphSpec(
     file=C.GENERATOR_DECODER_FILE,
     inputs={
         C.DECODER_INPUT_IDS: ["rows", "new_len"],
+        C.POSITIONS: ["rows"],
         C.BEAM_IDX: ["rows"],
+        C.CROSS_QUERY_ROWS: ["enc_rows", "fold"],
+        C.DECODER_SLOTS: ["rows"],
         C.ENCODER_ATTENTION_MASK: ["enc_rows", "src_len"],
-        C.PAST_KEYS: ["rows", "heads", "past_len", "head_dim"],
-        C.PAST_VALUES: ["rows", "heads", "past_len", "head_dim"],
+        C.PAST_KEYS: ["past_rows", "heads", "past_len", "head_dim"],
+        C.PAST_VALUES: ["past_rows", "heads", "past_len", "head_dim"],
         C.CROSS_KEYS: ["enc_rows", "heads", "src_len", "head_dim"],
         C.CROSS_VALUES: ["enc_rows", "heads", "src_len", "head_dim"],
     },
     outputs={
         C.LOGITS: ["rows", "new_len", "vocab"],
-        C.PRESENT_KEYS: ["rows", "heads", "total_len", "head_dim"],
-        C.PRESENT_VALUES: ["rows", "heads", "total_len", "head_dim"],
+        C.PRESENT_KEYS: ["rows", "heads", "past_len", "head_dim"],
+        C.PRESENT_VALUES: ["rows", "heads", "past_len", "head_dim"],
+        C.NEW_KEYS: ["rows", "heads", "new_len", "head_dim"],
+        C.NEW_VALUES: ["rows", "heads", "new_len", "head_dim"],
     },
-    dtypes={C.DECODER_INPUT_IDS: "int64", C.BEAM_IDX: "int64", C.ENCODER_ATTENTION_MASK: "int64"},
+    dtypes={name: "int64" for name in (C.DECODER_INPUT_IDS, C.POSITIONS, C.BEAM_IDX, C.CROSS_QUERY_ROWS,
+                                       C.DECODER_SLOTS, C.ENCODER_ATTENTION_MASK)},
 )
 
 

@@ -113,7 +113,9 @@ def _decoder_samples(ctx: ExportContext, module: nn.Module) -> tuple:
     with torch.no_grad():
         cross = GeneratorEncoderGraph(ctx.generator, ctx.family).eval()(ids, mask)[1:]
     past = [torch.zeros(4, d.heads, 3, d.head_dim) for _ in range(2 * d.layers)]
-    return torch.randint(5, 50, (4, 1)), torch.tensor([1, 0, 3, 2]), mask, *past, *cross
+    # 2 contexts x 2 beams, rows of different lengths, beams swapped.
+    return (torch.randint(5, 50, (4, 1)), torch.tensor([3, 2, 1, 3]), torch.tensor([1, 0, 3, 2]),
+            torch.tensor([[0, 1], [2, 3]]), torch.arange(4), mask, *past, *cross)
 
 
 QUESTION_ENCODER = GraphEntry(

@@ -21,7 +21,8 @@ def _cross_projections(generator: nn.Module) -> list[tuple[nn.Module, nn.Module]
 
 
 class T5DecoderGraph(nn.Module):
-    """One decoder call: ``t`` new tokens after ``past_len`` cached ones, beams folded over cross K/V."""
+    """One decoder call: ``t`` new tokens per row after that row's ``positions`` cached ones, rows of any
+    question mapped onto their passages' cross K/V (see :mod:`.attention`)."""
 
     def __init__(self, generator: nn.Module):
         super().__init__()
@@ -33,39 +34,42 @@ class T5DecoderGraph(nn.Module):
         self.output_scale = cfg.d_model**-0.5 if scaled else None
         self.relative = self.decoder.block[0].layer[0].SelfAttention
 
-    def _position_bias(self, past_len, new_len, dtype):
+    def _bias(self, relative: torch.Tensor) -> torch.Tensor:
+        """The learned bias of key-minus-query distances [..., t, keys] -> [..., t, keys, H]."""
         rel = self.relative
-        context = torch.arange(new_len)[:, None] + past_len
-        memory = torch.arange(new_len + past_len)[None, :]
         buckets = rel._relative_position_bucket(
-            memory - context, bidirectional=False, num_buckets=rel.relative_attention_num_buckets,
+            relative, bidirectional=False, num_buckets=rel.relative_attention_num_buckets,
             max_distance=rel.relative_attention_max_distance,
         )
-        bias = rel.relative_attention_bias(buckets).permute(2, 0, 1)[None]
-        return bias + A.causal_bias(past_len, new_len, dtype)
+        return rel.relative_attention_bias(buckets)
 
-    def forward(self, decoder_input_ids, beam_idx, encoder_attention_mask, *layer_tensors):
+    def forward(self, decoder_input_ids, positions, beam_idx, cross_query_rows, decoder_slots, encoder_attention_mask,
+                *layer_tensors):
         past_keys, past_values, cross_keys, cross_values = A.split_layers(layer_tensors, self.layers)
-        cache = A.StepCache(past_keys, past_values, beam_idx, self.heads)
         dec = self.decoder
         h = dec.embed_tokens(decoder_input_ids)
-        self_bias = self._position_bias(cache.past_len, decoder_input_ids.shape[1], h.dtype)
+        new_len = decoder_input_ids.shape[1]
+        cache = A.SlotCache(past_keys, past_values, beam_idx, positions, self.heads, new_len, h.dtype)
+        # Query i of row r sits at positions[r] + i; past key j at j; new key i' at positions[r] + i'.
+        queries = positions[:, None] + torch.arange(new_len)[None, :]
+        past_bias = self._bias(torch.arange(cache.width)[None, None, :] - queries[:, :, None]).permute(0, 3, 1, 2)
+        new_bias = self._bias(torch.arange(new_len)[None, :] - torch.arange(new_len)[:, None]).permute(2, 0, 1)[None]
         enc_bias = A.mask_bias(encoder_attention_mask, h.dtype)
         for i, block in enumerate(dec.block):
             att_layer, cross_layer, ff_layer = block.layer[0], block.layer[1], block.layer[2]
             att = att_layer.SelfAttention
             n = att_layer.layer_norm(h)
             q = A.split_heads(att.q(n), self.heads)
-            k, v = cache.extend(i, att.k(n), att.v(n))
-            h = h + att.o(A.merge_heads(A.self_attention(q, k, v, self_bias, None)))
+            h = h + att.o(A.merge_heads(cache.attend(i, q, att.k(n), att.v(n), None, past_bias, new_bias)))
             cross = cross_layer.EncDecAttention
             q = A.split_heads(cross.q(cross_layer.layer_norm(h)), self.heads)
-            h = h + cross.o(A.merge_heads(A.folded_cross_attention(q, cross_keys[i], cross_values[i], enc_bias, None)))
+            h = h + cross.o(A.merge_heads(A.folded_cross_attention(q, cross_keys[i], cross_values[i], enc_bias, None,
+                                                                   cross_query_rows, decoder_slots)))
             h = h + ff_layer.DenseReluDense(ff_layer.layer_norm(h))
         h = dec.final_layer_norm(h)
         if self.output_scale is not None:
             h = h * self.output_scale
-        return (self.lm_head(h), *cache.present())
+        return (self.lm_head(h), *cache.outputs())
 
 
 FAMILY = GeneratorFamily(

@@ -5,7 +5,8 @@ side retypes a name.
 """
 
 # 2: decoder takes beam_idx; rag_token_head graph. 3: cross K/V and the KV cache travel per layer.
-FORMAT_VERSION = 3
+# 4: the decoder takes rows of different lengths (positions, a slot cache, any beams per passage).
+FORMAT_VERSION = 4
 
 MANIFEST_FILE = "manifest.json"
 
@@ -50,13 +51,21 @@ CROSS_KEYS = "cross_keys"
 CROSS_VALUES = "cross_values"
 DECODER_INPUT_IDS = "decoder_input_ids"
 ENCODER_ATTENTION_MASK = "encoder_attention_mask"
+# Rows of different lengths and questions: each row's cached length, the row of the last call's cache it
+# continues, and the map of decoder rows onto encoder rows (query slots) for beam-folded cross-attention.
+POSITIONS = "positions"
+BEAM_IDX = "beam_idx"
+CROSS_QUERY_ROWS = "cross_query_rows"
+DECODER_SLOTS = "decoder_slots"
 PAST_KEYS = "past_keys"
 PAST_VALUES = "past_values"
-BEAM_IDX = "beam_idx"
 LOGITS = "logits"
+# The past gathered by beam_idx (the runtime's next slot buffer), and the new tokens' keys and values.
 PRESENT_KEYS = "present_keys"
 PRESENT_VALUES = "present_values"
-PER_LAYER = (CROSS_KEYS, CROSS_VALUES, PAST_KEYS, PAST_VALUES, PRESENT_KEYS, PRESENT_VALUES)
+NEW_KEYS = "new_keys"
+NEW_VALUES = "new_values"
+PER_LAYER = (CROSS_KEYS, CROSS_VALUES, PAST_KEYS, PAST_VALUES, PRESENT_KEYS, PRESENT_VALUES, NEW_KEYS, NEW_VALUES)
 
 # RAG-Token head (marginalization + beam candidates).
 DOC_LOGPRIOR = "doc_logprior"

@@ -1,15 +1,18 @@
-"""Stage 4: generator inputs + doc scores -> answers (RAG-Token beam search or RAG-Sequence thorough
-decoding over the exported generator)."""
+"""Stage 4: generator inputs + doc scores -> answers (RAG-Token or RAG-Sequence decoding of the exported
+generator, on the decode engine)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from .artifact import GenerationDefaults, RagSettings
 from .decoding import processors as P
-from .decoding.rag import Decoded, RescoreSettings, rag_sequence, rag_token
+from .decoding.rag import Decoded, QuestionDecode, RescoreSettings, SequenceDecode, TokenDecode
 from .decoding.sampling import Sampler, SamplingSettings, generators
 from .decoding.search import SearchSettings
+from .engine import DecodeEngine
 from .onnx_backend import OnnxGenerator
 from .options import GenerationOptions
 from .results import Answer
@@ -17,12 +20,28 @@ from .timing import NullTimer, StageTimer
 from .tokenization import TextTokenizer
 
 
+@dataclass
+class DecodeRequest:
+    """One question ready for the decode engine.
+
+    Attributes:
+        decode: Its decoding state.
+        contexts: Generator encoder ids and mask of the passages it decodes from.
+        rescore_contexts: RAG-Sequence: ids and mask of the passages its candidates are rescored against
+            (None: the same rows as ``contexts``).
+    """
+
+    decode: QuestionDecode
+    contexts: tuple[np.ndarray, np.ndarray]
+    rescore_contexts: tuple[np.ndarray, np.ndarray] | None
+
+
 class AnswerGenerator:
     """Decodes answers from contexts with the settings an export recorded.
 
     Attributes:
         kind: ``"token"`` (RAG-Token) or ``"sequence"`` (RAG-Sequence).
-        backend: The onnxruntime generator (encoder, decoder, optional fused RAG-Token head).
+        backend: The onnxruntime generator (encoder, decoder, optional fused RAG-Token head and scorer).
         fused_head: RAG-Token beam search ranks candidates in the head graph.
     """
 
@@ -43,9 +62,32 @@ class AnswerGenerator:
             return max(opts.n_docs, self._rag.n_docs)
         return opts.n_docs
 
-    def decode(self, ctx_ids: np.ndarray, ctx_mask: np.ndarray, doc_scores: np.ndarray, opts: GenerationOptions,
-               reference_width: int | None = None) -> Decoded:
-        """Decode from contexts ([batch * docs] rows, ``docs = doc_scores.shape[1]``).
+    def rows(self, opts: GenerationOptions) -> int:
+        """Decoder rows one question with these options holds in a decode (passages x beams)."""
+        return opts.n_docs * opts.num_beams
+
+    def engine(self, max_rows: int, max_questions: int | None = None, listener=None) -> DecodeEngine:
+        """A decode engine over this generator."""
+        return DecodeEngine(self.backend, max_rows, max_questions, timer=self._timer, listener=listener)
+
+    def run(self, requests: list[DecodeRequest]) -> list[Decoded]:
+        """Decode a batch together: every question joins one engine before its first step."""
+        if not requests:
+            return []
+        engine = self.engine(max_rows=sum(r.decode.rows for r in requests))
+        try:
+            tickets = [engine.add(r.decode, r.contexts, r.rescore_contexts) for r in requests]
+            engine.run()
+        finally:
+            engine.close()
+        for t in tickets:
+            if t.error is not None:
+                raise t.error
+        return [t.result for t in tickets]
+
+    def requests(self, ctx_ids: np.ndarray, ctx_mask: np.ndarray, doc_scores: np.ndarray, opts: GenerationOptions,
+                 reference_width: int | None = None) -> list[DecodeRequest]:
+        """One request per question from contexts ([batch * docs] rows, ``docs = doc_scores.shape[1]``).
 
         RAG-Token uses the first ``opts.n_docs`` passages. RAG-Sequence generates from those and, when
         ``reference_compatible``, rescores against the first ``config n_docs`` ones (so ``docs`` must cover
@@ -55,40 +97,40 @@ class AnswerGenerator:
         compatible = self.kind == "sequence" and opts.reference_compatible
         # From supplied contexts there may be fewer passages than configured (the reference rejects that).
         used = min(self._rag.n_docs, docs) if compatible else opts.n_docs
-        ids, mask = _rows(ctx_ids, batch, docs, used), _rows(ctx_mask, batch, docs, used)
-        # Columns that are padding in every row change nothing (they are masked): drop them.
-        width = int(mask.sum(axis=1).max()) if mask.size else 0
-        with self._timer.stage("generator_encode"):
-            state = self.backend.encode(np.ascontiguousarray(ids[:, :width]), np.ascontiguousarray(mask[:, :width]))
-            generation_state = None
-            if compatible:
-                generation_state = self._unmasked_state(_rows(ctx_ids, batch, docs, opts.n_docs), reference_width)
-        doc_scores = np.ascontiguousarray(doc_scores[:, :used])
         proc, search, sampling = self._settings(opts)
         start = opts.decoder_start_token_id
-        rngs = generators(opts.seed, batch) if sampling is not None else None
-        with self._timer.stage("decode"):
+        rngs = generators(opts.seed, batch) if sampling is not None else [None] * batch
+        rescore = RescoreSettings(
+            pad_token_id=self._rag.generator_pad_token_id, bos_token_id=self._rag.rescoring_bos_token_id,
+            label_smoothing=float(self._rag.label_smoothing or 0.0),
+            do_deduplication=bool(opts.do_deduplication), fast=opts.fast_decoding,
+        )
+        out = []
+        for q in range(batch):
+            sampler = Sampler(sampling, [rngs[q]]) if sampling is not None else None
+            rows = q * docs + np.arange(docs)
             if self.kind == "token":
-                sampler = Sampler(sampling, rngs) if rngs else None
-                return rag_token(self.backend, state, doc_scores, start, proc, search, fused=self.fused_head,
-                                 sampler=sampler)
-            rescore = RescoreSettings(
-                pad_token_id=self._rag.generator_pad_token_id, bos_token_id=self._rag.rescoring_bos_token_id,
-                label_smoothing=float(self._rag.label_smoothing or 0.0),
-                do_deduplication=bool(opts.do_deduplication), fast=opts.fast_decoding,
-            )
-            samplers = [Sampler(sampling, [rng]) for rng in rngs] if rngs else None
-            return rag_sequence(self.backend, state, doc_scores, start, proc, search, rescore,
-                                opts.num_return_sequences, generation_state, opts.n_docs, stage=self._timer.stage,
-                                samplers=samplers)
+                decode = TokenDecode(doc_scores[q, : opts.n_docs], start, proc, search, sampler, self.fused_head)
+                out.append(DecodeRequest(decode, _trimmed(ctx_ids[rows[: opts.n_docs]], ctx_mask[rows[: opts.n_docs]]),
+                                         None))
+                continue
+            decode = SequenceDecode(doc_scores[q, :used], opts.n_docs, start, proc, search, rescore,
+                                    opts.num_return_sequences, sampler)
+            rescored = _trimmed(ctx_ids[rows[:used]], ctx_mask[rows[:used]])
+            if compatible:
+                generation = self._unmasked(ctx_ids[rows[: opts.n_docs]], reference_width)
+                out.append(DecodeRequest(decode, generation, rescored))
+            else:
+                out.append(DecodeRequest(decode, rescored, None))
+        return out
 
-    def _unmasked_state(self, ids: np.ndarray, reference_width: int | None):
+    def _unmasked(self, ids: np.ndarray, reference_width: int | None) -> tuple[np.ndarray, np.ndarray]:
         """The reference generates RAG-Sequence candidates from contexts padded to ``max_combined_length``
         with the padding not masked: reproduce that input exactly."""
         wide = reference_width or ids.shape[1]
         padded = np.full((ids.shape[0], wide), self._rag.generator_pad_token_id, dtype=np.int64)
         padded[:, : min(wide, ids.shape[1])] = ids[:, :wide]
-        return self.backend.encode(padded, np.ones_like(padded))
+        return padded, np.ones_like(padded)
 
     def _settings(self, opts: GenerationOptions
                   ) -> tuple[P.ProcessorSettings, SearchSettings, SamplingSettings | None]:
@@ -104,10 +146,10 @@ class AnswerGenerator:
             sampling = SamplingSettings(opts.temperature, opts.top_k, opts.top_p, min_tokens_to_keep=keep)
         return proc, search, sampling
 
-    def answers(self, rows: np.ndarray, scores: np.ndarray) -> list[Answer]:
+    def answers(self, decoded: Decoded) -> list[Answer]:
         """One question's decoded rows as :class:`Answer` results."""
         return [Answer(self._tokenizer.decode(row, skip_special_tokens=True), self.trim(row), float(score))
-                for row, score in zip(rows, scores, strict=True)]
+                for row, score in zip(decoded.sequences, decoded.scores, strict=True)]
 
     def trim(self, row: np.ndarray) -> list[int]:
         """The row up to its first EOS (dropping the padding the reference writes after it)."""
@@ -138,7 +180,8 @@ def trim_answer(row, eos_token_ids, pad_token_id: int | None) -> list[int]:
     return tokens
 
 
-def _rows(array: np.ndarray, batch: int, docs: int, used: int) -> np.ndarray:
-    """The first ``used`` of each question's ``docs`` rows, as int64."""
-    rows = (np.arange(batch)[:, None] * docs + np.arange(used)[None, :]).reshape(-1)
-    return array[rows].astype(np.int64)
+def _trimmed(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A question's context rows as int64, without the columns that are padding in all of them."""
+    width = int(mask.sum(axis=1).max()) if mask.size else 0
+    return (np.ascontiguousarray(ids[:, :width], dtype=np.int64),
+            np.ascontiguousarray(mask[:, :width], dtype=np.int64))

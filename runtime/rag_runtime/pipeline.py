@@ -6,6 +6,7 @@ the pipeline loads them from the manifest and composes them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,10 @@ import numpy as np
 from . import constants as C
 from .artifact import Manifest
 from .contexts import Contextualizer
+from .decoding.rag import Decoded
+from .engine import DecodeEngine
 from .errors import ArtifactError, InvalidInputError, InvalidOptionError
-from .generation import AnswerGenerator
+from .generation import AnswerGenerator, DecodeRequest
 from .knowledge import KnowledgeIndex
 from .onnx_backend import OnnxGenerator, create_session, providers_for
 from .options import OPTIONS, GenerationOptions
@@ -42,11 +45,13 @@ class RagPipeline:
         self.manifest, self.kind, self.device, self.timer = manifest, manifest.kind, device, timer
         self.question_encoder, self.retriever = question_encoder, retriever
         self.contextualizer, self.generator = contextualizer, generator
+        self._sessions: dict = {}
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", *, threads: int | None = None, verify: bool = True,
              nprobe: int | None = None, ef_search: int | None = None, fused_head: bool = True,
-             timer: StageTimer | None = None) -> RagPipeline:
+             sequence_scorer: bool = True, timer: StageTimer | None = None,
+             profile: str | Path | None = None) -> RagPipeline:
         """Load an export directory.
 
         Args:
@@ -58,8 +63,13 @@ class RagPipeline:
             ef_search: Candidate list size (HNSW knowledge indexes).
             fused_head: RAG-Token beam search runs the exported head graph, so only the best candidates
                 per step leave the device (False: the step's logits come back and the host ranks them).
+            sequence_scorer: RAG-Sequence rescoring reads the labels' log-probabilities off the exported
+                scorer graph (False: the logits come back and the host computes them, as for exports made
+                before the scorer).
             timer: Accumulates wall time per stage and per graph (benchmarks, the service); None times
                 nothing.
+            profile: A directory for onnxruntime's per-node profile of every graph call (benchmarks);
+                :meth:`end_profiling` writes the traces.
 
         Raises:
             ArtifactError: Missing, corrupted or mismatched export.
@@ -71,9 +81,12 @@ class RagPipeline:
         if manifest.kind is None or manifest.rag is None or manifest.generation_defaults is None:
             raise ArtifactError(f"{root} holds only a context encoder (for rag-index build), not a RAG export")
         clock = timer or NullTimer()
+        sessions = {}
 
         def session(name: str, **kwargs):
-            s = create_session(root / manifest.graph(name).file, device, threads, **kwargs)
+            prefix = str(Path(profile) / name) if profile is not None else None
+            s = sessions[name] = create_session(root / manifest.graph(name).file, device, threads, profile=prefix,
+                                                **kwargs)
             return TimedSession(s, clock, name) if clock.enabled else s
 
         def tokenizer(name: str) -> TextTokenizer:
@@ -85,19 +98,27 @@ class RagPipeline:
         head = session(C.RAG_TOKEN_HEAD, spinning=False) if manifest.kind == "token" and fused_head else None
         # RAG-Sequence rescoring reads label log-probs off the device; exports made before the scorer
         # graph existed compute them on the host.
-        scorer = session(C.SEQUENCE_SCORER, spinning=False) if C.SEQUENCE_SCORER in manifest.graphs else None
+        scorer = (session(C.SEQUENCE_SCORER, spinning=False)
+                  if sequence_scorer and C.SEQUENCE_SCORER in manifest.graphs else None)
         backend = OnnxGenerator(session(C.GENERATOR_ENCODER), session(C.GENERATOR_DECODER), manifest.decoder,
-                                head=head, device=device, scorer=scorer)
+                                manifest.graphs, head=head, device=device, scorer=scorer)
         index = (KnowledgeIndex(root / manifest.index.dir, device, nprobe=nprobe, ef_search=ef_search)
                  if manifest.index else None)
         retriever = Retriever(index, root)
-        return cls(
+        pipe = cls(
             manifest, device, QuestionEncoder(session(C.QUESTION_ENCODER), q_tokenizer), retriever,
             Contextualizer(manifest.rag, q_tokenizer, g_tokenizer, retriever),
             AnswerGenerator(manifest.kind, backend, manifest.rag, manifest.generation_defaults, g_tokenizer,
                             fused_head=fused_head, timer=clock),
             clock,
         )
+        pipe._sessions = sessions
+        return pipe
+
+    def end_profiling(self) -> dict[str, Path]:
+        """Write the onnxruntime profiles of a pipeline loaded with ``profile=``: each graph's trace file."""
+        return {name: Path(s.end_profiling()) for name, s in self._sessions.items()
+                if s.get_session_options().enable_profiling}
 
     @property
     def index(self) -> KnowledgeIndex | None:
@@ -132,7 +153,8 @@ class RagPipeline:
         """Answer each question (one result per question, in order).
 
         Keyword arguments are transformers' generation parameters (see :class:`GenerationOptions`); omitted
-        ones take the checkpoint's defaults recorded at export.
+        ones take the checkpoint's defaults recorded at export. The questions decode together on one
+        :class:`~rag_runtime.engine.DecodeEngine`; each answer equals the one the question gets alone.
 
         Raises:
             UnknownOptionError: Unknown keyword (a ``TypeError``).
@@ -144,16 +166,42 @@ class RagPipeline:
         opts = self.options(**kwargs)
         if not questions:
             return []
+        prepared = self.prepare(questions, opts)
+        decoded = self.generator.run([p.request for p in prepared])
+        return [self.answer(p, d) for p, d in zip(prepared, decoded, strict=True)]
+
+    def prepare(self, questions: list[str], opts: GenerationOptions) -> list[PreparedQuestion]:
+        """Retrieve each question's passages and build its decode request (what a decode engine takes).
+
+        Raises:
+            IndexUnavailableError: The export has no knowledge index.
+        """
+        questions = _as_list(questions)
         self.retriever.require_index()
         q_ids, doc_ids, doc_scores = self._search(questions, self.generator.passages_needed(opts))
         with self.timer.stage("contextualize"):
             ctx_ids, ctx_mask = self.contextualizer.build(q_ids, doc_ids)
-        decoded = self.generator.decode(ctx_ids, ctx_mask, doc_scores, opts,
-                                        reference_width=self.manifest.rag.max_combined_length)
+        requests = self.generator.requests(ctx_ids, ctx_mask, doc_scores, opts,
+                                           reference_width=self.manifest.rag.max_combined_length)
         n = opts.n_docs
-        return [RagOutput(question, self.generator.answers(decoded.sequences[i], decoded.scores[i]),
-                          self.retriever.documents(doc_ids[i, :n], doc_scores[i, :n]))
-                for i, question in enumerate(questions)]
+        return [PreparedQuestion(q, r, self.retriever.documents(doc_ids[i, :n], doc_scores[i, :n]))
+                for i, (q, r) in enumerate(zip(questions, requests, strict=True))]
+
+    def answer(self, prepared: PreparedQuestion, decoded: Decoded) -> RagOutput:
+        """A prepared question's result from its decoded rows."""
+        return RagOutput(prepared.question, self.generator.answers(decoded), prepared.docs)
+
+    def engine(self, max_rows: int, max_questions: int | None = None, listener=None) -> DecodeEngine:
+        """A decode engine over this export's generator, for questions that join and leave between steps
+        (``rag-serve`` keeps one): ``engine.add(p.request.decode, p.request.contexts,
+        p.request.rescore_contexts)`` for each :meth:`prepare`-d question, then ``engine.step()``.
+
+        Args:
+            max_rows: Decoder rows one step may hold (see ``DecodeEngine``).
+            max_questions: Questions decoding at once at most.
+            listener: Called after each phase of a step with its duration and rows.
+        """
+        return self.generator.engine(max_rows, max_questions, listener)
 
     def generate_from_context(self, context_input_ids, context_attention_mask, doc_scores, **kwargs) -> np.ndarray:
         """Generate from contexts you built (transformers' ``generate(context_input_ids=..., ...)``).
@@ -178,8 +226,22 @@ class RagPipeline:
         opts = self.generator.options({**kwargs, "n_docs": n_docs})
         if scores.shape[0] == 0:
             return np.zeros((0, 0), dtype=np.int64)
-        decoded = self.generator.decode(ids.astype(np.int64), mask.astype(np.int64), scores, opts)
-        return self.generator.pad_rows(decoded.sequences)
+        decoded = self.generator.run(self.generator.requests(ids.astype(np.int64), mask.astype(np.int64), scores, opts))
+        return self.generator.pad_rows([d.sequences for d in decoded])
+
+    def decoder_logits(self, context_input_ids, context_attention_mask, decoder_input_ids) -> np.ndarray:
+        """Teacher forcing: the generator's logits [rows, L, vocab] for ``decoder_input_ids`` [rows, L] (start
+        token first), row ``i`` reading context row ``i`` -- to score given answers, or compare exports.
+        """
+        ids, mask = np.asarray(context_input_ids, dtype=np.int64), np.asarray(context_attention_mask, dtype=np.int64)
+        tokens = np.asarray(decoder_input_ids, dtype=np.int64)
+        if ids.ndim != 2 or mask.shape != ids.shape or tokens.ndim != 2 or len(tokens) != len(ids):
+            raise InvalidOptionError("context_input_ids and context_attention_mask must be 2-D of the same shape, "
+                                     "and decoder_input_ids 2-D with one row per context row")
+        backend = self.generator.backend
+        state = backend.encode_rows(ids, mask)
+        rows = [backend.select(state, np.array([i])) for i in range(len(ids))]
+        return backend.teacher_forced(rows, [tokens[i : i + 1] for i in range(len(ids))])
 
     def _search(self, questions: list[str], n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Question ids, then doc ids and scores [batch, n_docs]."""
@@ -188,6 +250,21 @@ class RagPipeline:
         with self.timer.stage("retrieve"):
             doc_ids, doc_scores = self.retriever.search(emb, n_docs)
         return q_ids, doc_ids, doc_scores
+
+
+@dataclass
+class PreparedQuestion:
+    """A question with its passages retrieved and its decode request built.
+
+    Attributes:
+        question: The question as given.
+        request: What the decode engine takes (its decoding state, contexts and rescoring contexts).
+        docs: The passages it is answered from, in retrieval order.
+    """
+
+    question: str
+    request: DecodeRequest
+    docs: list[Document]
 
 
 def _as_list(questions) -> list[str]:
@@ -200,4 +277,4 @@ def _as_list(questions) -> list[str]:
     return questions
 
 
-__all__ = ["RagPipeline"]
+__all__ = ["PreparedQuestion", "RagPipeline"]

@@ -9,27 +9,48 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 
 class StageTimer:
-    """Accumulated wall time per pipeline stage, and per onnxruntime graph (``onnxruntime/<graph>``).
+    """Accumulated wall time per pipeline stage, and per onnxruntime graph: ``onnxruntime/<graph>`` in all,
+    and ``<stage>/onnxruntime/<graph>`` within the stage that called it (``decode``, ``rescore``, ...).
 
     Attributes:
-        totals: Seconds per stage name since the last :meth:`reset`.
+        totals: Seconds per name since the last :meth:`reset`.
+        counts: Times each name ran (for a graph: its calls) since the last :meth:`reset`.
+        values: Quantities the stages report with :meth:`add` (the engine: ``decode/rows`` per step summed,
+            ``rescore/positions``, ``generator_encode/rows``, ...).
     """
 
     enabled = True
 
     def __init__(self):
         self.totals: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.values: dict[str, float] = defaultdict(float)
+        self._stack: list[str] = []
 
     def reset(self) -> None:
         self.totals.clear()
+        self.counts.clear()
+        self.values.clear()
+
+    @property
+    def current(self) -> str | None:
+        """The innermost stage running now (None outside any)."""
+        return self._stack[-1] if self._stack else None
 
     @contextmanager
     def stage(self, name: str):
         t0 = time.perf_counter()
+        self._stack.append(name)
         try:
             yield
         finally:
+            self._stack.pop()
             self.totals[name] += time.perf_counter() - t0
+            self.counts[name] += 1
+
+    def add(self, name: str, value: float) -> None:
+        """Add ``value`` to the quantity ``name``."""
+        self.values[name] += value
 
 
 class NullTimer:
@@ -40,6 +61,9 @@ class NullTimer:
     def stage(self, name: str) -> AbstractContextManager:
         return nullcontext()
 
+    def add(self, name: str, value: float) -> None:
+        pass
+
 
 class TimedSession:
     """An onnxruntime session whose runs add to the timer's ``onnxruntime`` and ``onnxruntime/<graph>``."""
@@ -48,7 +72,9 @@ class TimedSession:
         self._session, self._timer, self._stage = session, timer, f"onnxruntime/{graph}"
 
     def _timed(self, run, *args, **kwargs):
-        with self._timer.stage("onnxruntime"), self._timer.stage(self._stage):
+        outer = self._timer.current
+        with self._timer.stage(f"{outer}/{self._stage}" if outer else self._stage), \
+                self._timer.stage("onnxruntime"), self._timer.stage(self._stage):
             return run(*args, **kwargs)
 
     def run(self, *args, **kwargs):

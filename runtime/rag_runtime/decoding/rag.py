@@ -1,59 +1,34 @@
-"""RAG-Token and RAG-Sequence decoding over a generator backend (numpy; no onnxruntime needed).
+"""One question's RAG-Token or RAG-Sequence decoding as state plus a step (numpy; no onnxruntime needed).
 
-Row layout: the generator encoder runs one row per (question, passage); decoder rows are ordered
-(question, passage, beam), so the beams of a passage share its cross-attention K/V.
+A question owns decoder rows ordered (passage, beam), so the beams of a passage share its cross-attention
+K/V, and one encoder row per passage. The decode engine (:mod:`rag_runtime.engine`) runs the rows of many
+questions in each decoder call and hands every question its own rows' logits, or the candidates of the
+fused RAG-Token head; a question answers with the rows its rows continue (the beam reorder), and says when
+it is done. Its answer depends only on its own inputs and options, never on the questions beside it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from . import processors as P
 from .sampling import Sampler
-from .search import SearchSettings, beam_search, greedy, host_candidates, log_softmax
-
-
-class GeneratorBackend(Protocol):
-    """What the decoders need from an (exported) generator."""
-
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Any:
-        """Run the encoder once; the returned state holds cross K/V for ``input_ids.shape[0]`` rows."""
-
-    def select(self, state: Any, rows: np.ndarray) -> Any:
-        """The encoder state of a subset of its rows."""
-
-    def start(self, state: Any, beams: int) -> Any:
-        """A fresh decode session: ``beams`` decoder rows per encoder row, empty KV cache."""
-
-    def step(self, session: Any, tokens: np.ndarray) -> np.ndarray:
-        """Feed one token per decoder row; returns logits [rows, vocab] float32."""
-
-    def reorder(self, session: Any, rows: np.ndarray) -> None:
-        """Decoder row i continues from old row ``rows[i]``."""
-
-    vocab: int
-
-    def label_logprobs(self, state: Any, sequences: np.ndarray, labels: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray]:
-        """Teacher-forced ``n`` sequences against every encoder row: per position, the log-probability of
-        ``labels`` and the sum of all log-probabilities, each [enc_rows * n, L]."""
+from .search import BeamSearch, GreedySearch, SearchSettings, host_candidates, log_softmax
 
 
 class RagTokenHead(Protocol):
-    """A backend that can also run the fused RAG-Token head (the logits stay where they are computed)."""
+    """The fused RAG-Token head graph over one question's rows of the last decoder call (their logits
+    stay where the decoder wrote them)."""
 
     vocab: int
 
-    def rag_token_candidates(self, session: Any, tokens: np.ndarray, doc_logprior: np.ndarray,
-                             beam_scores: np.ndarray, banned: np.ndarray, keep: int
-                             ) -> tuple[np.ndarray, np.ndarray]:
-        """Feed ``tokens`` like ``step``, then marginalize over passages and return the ``keep`` best
-        (score, beam * vocab + token) per question; ``banned`` are flat indices into [batch, beams, vocab]."""
+    def __call__(self, doc_logprior: np.ndarray, beam_scores: np.ndarray, banned: np.ndarray,
+                 keep: int) -> tuple[np.ndarray, np.ndarray]:
+        """Marginalize over the passages and return the ``keep`` best (score, beam * vocab + token) of the
+        question, [1, keep] each; ``banned`` are flat indices into [beams, vocab] set to -inf first."""
 
 
 def logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
@@ -64,69 +39,130 @@ def logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
 
 @dataclass
 class Decoded:
-    """Sequences for a batch, ``num_return_sequences`` rows per question, best first.
+    """One question's answers, best first.
 
     Attributes:
-        sequences: Per question, an int64 array [num_return_sequences, L] exactly as transformers returns
-            the question's rows (before padding across questions).
-        scores: Per question, float32 scores the rows are ranked by.
+        sequences: int64 [num_return_sequences, L], exactly the rows transformers returns for the question
+            (before padding across questions).
+        scores: float32 [num_return_sequences], what the rows are ranked by.
     """
 
-    sequences: list[np.ndarray]
-    scores: list[np.ndarray]
+    sequences: np.ndarray
+    scores: np.ndarray
 
 
-def rag_token(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, start_id: int,
-              proc: P.ProcessorSettings, search: SearchSettings, fused: bool = False,
-              sampler: Sampler | None = None) -> Decoded:
-    """RAG-Token: next-token distributions marginalized over the passages at every step.
+class QuestionDecode:
+    """What the engine needs of a question's decoding, whatever its kind.
 
-    With ``fused`` (the backend must implement :class:`RagTokenHead`), beam search steps run the fused
-    head and only the ``2 * num_beams`` best candidates per question come back; steps where a processor
-    rewrites whole rows (repetition_penalty, forced BOS/EOS) take the host path, and so does sampling
-    (``sampler``, one generator per question), which draws from the whole distribution.
+    Attributes:
+        rows: Decoder rows (passages x beams), ordered (passage, beam).
+        encoder_rows: Passages, one encoder row each.
+        beams: Decoder rows per encoder row.
+        searching: Still needs decoder steps.
     """
-    batch, n_docs = doc_scores.shape
-    k = search.num_beams
-    doc_logprior = log_softmax(doc_scores.astype(np.float32))
-    doc_lp = doc_logprior[:, :, None, None]
-    session = backend.start(state, beams=k)
 
-    def tokens_of(seqs: np.ndarray) -> np.ndarray:
-        last = seqs[:, -1].reshape(batch, 1, k)
-        return np.broadcast_to(last, (batch, n_docs, k)).reshape(-1, 1)
+    rows: int
+    encoder_rows: int
+    beams: int
+    searching: bool
 
-    def step(seqs: np.ndarray) -> np.ndarray:
-        logits = backend.step(session, tokens_of(seqs))
-        lp = log_softmax(logits.reshape(batch, n_docs, k, -1)) + doc_lp
-        return logsumexp(lp, axis=1).reshape(batch * k, -1)
+    def tokens(self) -> np.ndarray:
+        """The next input token of each row, [rows]."""
+        raise NotImplementedError
 
-    host = host_candidates(step, proc, sampler)
+    @property
+    def past_length(self) -> int:
+        """Tokens each row has in its cache (the position of its next token)."""
+        raise NotImplementedError
 
-    def candidates(flat: np.ndarray, running_scores: np.ndarray, keep: int):
-        if not fused or sampler is not None or P.has_dense(proc, flat.shape[1]):
-            return host(flat, running_scores, keep)
-        rows, tokens = P.bans(proc, flat)
-        vocab = backend.vocab
-        scores, ids = backend.rag_token_candidates(session, tokens_of(flat), doc_logprior, running_scores,
-                                                   rows * vocab + tokens, keep)
-        return scores, ids // vocab, ids % vocab
+    def advance(self, logits: np.ndarray | None, head: RagTokenHead | None = None) -> np.ndarray | None:
+        """One step from this question's rows' logits [rows, vocab] (or its head, when :meth:`wants_head`):
+        the row of this question each new row continues, or None when no row moves."""
+        raise NotImplementedError
 
-    start = np.full((batch * k, 1), start_id, dtype=np.int64)
-    if k == 1:
-        seqs, scores = greedy(step, start, proc, search, sampler)
-        n = 1
-    else:
-        doc_base = (np.arange(batch)[:, None] * n_docs + np.arange(n_docs)[None, :])[:, :, None] * k
+    def wants_head(self) -> bool:
+        """Whether this step's candidates can come from the fused head (no logits needed on the host)."""
+        return False
 
-        def reorder(parents: np.ndarray) -> None:
-            pb = parents.reshape(batch, 1, k)
-            backend.reorder(session, (doc_base + pb % k).reshape(-1))
+    @property
+    def rescores(self) -> bool:
+        """Its candidates are ranked by their likelihood over the passages once the search is over
+        (:meth:`rescoring`, then :meth:`finish` with the label log-probabilities)."""
+        return False
 
-        seqs, scores = beam_search(candidates, reorder, start, proc, search)
-        n = search.num_return_sequences
-    return Decoded([seqs[i * n : (i + 1) * n] for i in range(batch)],
-                   [scores[i * n : (i + 1) * n] for i in range(batch)])
+    @property
+    def needs_rescoring(self) -> bool:
+        """The search is over and the candidates await rescoring."""
+        return self.rescores and not self.searching
+
+    def finish(self, picked: np.ndarray | None = None, sums: np.ndarray | None = None, vocab: int = 0) -> Decoded:
+        """The answers, once the search is over (and rescored, if it needs rescoring)."""
+        raise NotImplementedError
+
+
+class TokenDecode(QuestionDecode):
+    """RAG-Token: per step, the next-token distributions of the passages are marginalized (log-softmax per
+    passage plus the passage log-prior, logsumexp over passages), then greedy, sampling or beam search.
+
+    Args:
+        doc_scores: The question's passage scores [n_docs].
+        start_id: Decoder start token.
+        proc: Logits processors.
+        search: Beams, returned sequences, length penalty, stopping.
+        sampler: Draws tokens (do_sample), or None.
+        fused: Beam search may take its candidates from the fused head, whenever no processor rewrites
+            whole rows at that step (repetition_penalty, forced BOS/EOS) and nothing is sampled.
+    """
+
+    def __init__(self, doc_scores: np.ndarray, start_id: int, proc: P.ProcessorSettings, search: SearchSettings,
+                 sampler: Sampler | None = None, fused: bool = False):
+        self.encoder_rows = len(doc_scores)
+        self.beams = k = search.num_beams
+        self.rows = self.encoder_rows * k
+        self._proc, self._sampler, self._fused = proc, sampler, fused and sampler is None and k > 1
+        self._doc_logprior = log_softmax(np.asarray(doc_scores, dtype=np.float32)[None])  # [1, n_docs]
+        start = np.full((k, 1), start_id, dtype=np.int64)
+        self._search = (GreedySearch(search, proc.max_length, start, sampler) if k == 1
+                        else BeamSearch(search, proc.max_length, start))
+        self._n = 1 if k == 1 else search.num_return_sequences
+        self.searching = True
+
+    def tokens(self) -> np.ndarray:
+        return np.tile(self._search.sequences[:, -1], self.encoder_rows)
+
+    @property
+    def past_length(self) -> int:
+        return self._search.sequences.shape[1] - 1
+
+    def wants_head(self) -> bool:
+        return self._fused and not P.has_dense(self._proc, self._search.sequences.shape[1])
+
+    def _marginal(self, logits: np.ndarray) -> np.ndarray:
+        lp = log_softmax(logits.reshape(self.encoder_rows, self.beams, -1)) + self._doc_logprior[0, :, None, None]
+        return logsumexp(lp, axis=0)
+
+    def advance(self, logits: np.ndarray | None, head: RagTokenHead | None = None) -> np.ndarray | None:
+        search, proc = self._search, self._proc
+        seqs = search.sequences
+        if isinstance(search, GreedySearch):
+            search.advance(P.apply(proc, seqs, self._marginal(logits)))
+            self.searching = not search.done
+            return None
+        if logits is None:
+            rows, tokens = P.bans(proc, seqs)
+            vocab = head.vocab
+            scores, ids = head(self._doc_logprior, search.running_scores, rows * vocab + tokens, search.keep)
+            parents = search.advance(scores, ids // vocab, ids % vocab)
+        else:
+            candidates = host_candidates(lambda flat: self._marginal(logits), proc, self._sampler)
+            parents = search.advance(*candidates(seqs, search.running_scores, search.keep))
+        self.searching = not search.done
+        # Every passage's beams follow the same parents: row (passage, beam) continues (passage, parent).
+        return (np.arange(self.encoder_rows)[:, None] * self.beams + parents[None, :]).reshape(-1)
+
+    def finish(self, picked: np.ndarray | None = None, sums: np.ndarray | None = None, vocab: int = 0) -> Decoded:
+        seqs, scores = self._search.result()
+        return Decoded(seqs[: self._n], scores[: self._n])
 
 
 @dataclass(frozen=True)
@@ -148,86 +184,107 @@ class RescoreSettings:
     fast: bool = False
 
 
-def rag_sequence(backend: GeneratorBackend, state: Any, doc_scores: np.ndarray, start_id: int,
-                 proc: P.ProcessorSettings, search: SearchSettings, rescore: RescoreSettings,
-                 num_return_sequences: int, generation_state: Any = None, generation_docs: int | None = None,
-                 stage: Callable[[str], AbstractContextManager] | None = None,
-                 samplers: list[Sampler] | None = None) -> Decoded:
-    """RAG-Sequence thorough decoding: beam search per passage, then every candidate scored against
-    every passage of its question, marginalized, best ``num_return_sequences`` kept.
+class SequenceDecode(QuestionDecode):
+    """RAG-Sequence thorough decoding: a beam search (or greedy, or sampling) per passage, then every
+    candidate scored against every passage, marginalized, the best ``num_return_sequences`` kept.
 
-    ``state`` holds the passages candidates are rescored against (``doc_scores.shape[1]`` rows per
-    question); ``generation_state`` (default: ``state``) the ``generation_docs`` passages per question
-    they are generated from. transformers generates from unmasked padded contexts, and rescores with the
-    mask and its configured n_docs: passing both reproduces that. ``stage(name)`` (optional) times the
-    rescoring as ``rescore``. ``samplers`` (one per question) make each passage's search sample, as the
-    generator's own ``generate(do_sample=True)`` does.
+    The searches run over ``generation_docs`` passages; rescoring uses ``doc_scores`` (all the passages the
+    candidates are rescored against: transformers generates from ``n_docs`` passages and rescores with its
+    configured ``n_docs``). After the search, :meth:`rescoring` says what to teacher-force and
+    :meth:`finish` takes the label log-probabilities back.
     """
-    stage = stage or (lambda name: nullcontext())
-    generation_state = state if generation_state is None else generation_state
-    gen_docs = generation_docs or doc_scores.shape[1]
-    batch, n_docs = doc_scores.shape
-    k = search.num_beams
-    per_doc = SearchSettings(k, k, search.length_penalty, search.early_stopping, search.pad_token_id,
-                             search.eos_token_ids)
-    out_seqs, out_scores = [], []
-    for q in range(batch):
-        q_state = backend.select(state, np.arange(q * n_docs, (q + 1) * n_docs))
-        session = backend.start(backend.select(generation_state, np.arange(q * gen_docs, (q + 1) * gen_docs)), beams=k)
-        start = np.full((gen_docs * k, 1), start_id, dtype=np.int64)
 
-        def step(seqs: np.ndarray, session=session) -> np.ndarray:
-            return backend.step(session, seqs[:, -1:])
+    def __init__(self, doc_scores: np.ndarray, generation_docs: int, start_id: int, proc: P.ProcessorSettings,
+                 search: SearchSettings, rescore: RescoreSettings, num_return_sequences: int,
+                 sampler: Sampler | None = None):
+        self.encoder_rows, self.beams = generation_docs, search.num_beams
+        k = self.beams
+        self.rows = generation_docs * k
+        self._doc_scores = np.asarray(doc_scores, dtype=np.float32)
+        self._proc, self._rescore, self._n, self._sampler = proc, rescore, num_return_sequences, sampler
+        per_doc = SearchSettings(k, k, search.length_penalty, search.early_stopping, search.pad_token_id,
+                                 search.eos_token_ids)
+        start = np.full((self.rows, 1), start_id, dtype=np.int64)
+        self._search = (GreedySearch(per_doc, proc.max_length, start, sampler) if k == 1
+                        else BeamSearch(per_doc, proc.max_length, start))
+        self.searching = True
+        self._cands = self._beam_scores = self._origin = None
 
-        sampler = samplers[q] if samplers else None
-        if k == 1:
-            cands, beam_scores = greedy(step, start, proc, per_doc, sampler)
+    def tokens(self) -> np.ndarray:
+        return self._search.sequences[:, -1].copy()
+
+    @property
+    def past_length(self) -> int:
+        return self._search.sequences.shape[1] - 1
+
+    def advance(self, logits: np.ndarray | None, head: RagTokenHead | None = None) -> np.ndarray | None:
+        search, seqs = self._search, self._search.sequences
+        if isinstance(search, GreedySearch):
+            search.advance(P.apply(self._proc, seqs, logits))
+            parents = None
         else:
-            cands, beam_scores = beam_search(host_candidates(step, proc, sampler),
-                                             lambda rows, s=session: backend.reorder(s, rows), start, proc, per_doc)
-        origin = np.repeat(np.arange(gen_docs), k)
-        if rescore.do_deduplication:
+            candidates = host_candidates(lambda flat: logits, self._proc, self._sampler)
+            parents = search.advance(*candidates(seqs, search.running_scores, search.keep))
+        if search.done:
+            self.searching = False
+            self._collect()
+        return parents
+
+    def _collect(self) -> None:
+        cands, beam_scores = self._search.result()
+        origin = np.repeat(np.arange(self.encoder_rows), self.beams)
+        if self._rescore.do_deduplication:
             first = {}
             for i, row in enumerate(cands):
                 first.setdefault(row.tobytes(), i)
             keep = np.fromiter(first.values(), dtype=np.int64)
             cands, beam_scores, origin = cands[keep], beam_scores[keep], origin[keep]
-        doc_lp = log_softmax(doc_scores[q].astype(np.float32))
-        if rescore.fast:
-            scores = log_softmax(doc_scores[q, :gen_docs].astype(np.float32))[origin] + beam_scores
+        self._cands, self._beam_scores, self._origin = cands, beam_scores, origin
+
+    @property
+    def rescores(self) -> bool:
+        return not self._rescore.fast
+
+    def rescoring(self) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates [n, L] to teacher-force against each of the ``len(doc_scores)`` rescoring passages,
+        and their labels (the candidates shifted left, padded), as transformers' ``get_nll`` builds them."""
+        cands = self._cands
+        labels = np.concatenate([cands[:, 1:], np.full((len(cands), 1), self._rescore.pad_token_id,
+                                                        dtype=cands.dtype)], axis=1)
+        return cands, labels
+
+    def finish(self, picked: np.ndarray | None = None, sums: np.ndarray | None = None, vocab: int = 0) -> Decoded:
+        """The answers, from the labels' log-probabilities per passage ``picked`` [n_docs, n, L] (and the
+        sums of all log-probabilities ``sums``, for label smoothing), or without them in fast mode."""
+        if self._rescore.fast:
+            scores = log_softmax(self._doc_scores[: self.encoder_rows])[self._origin] + self._beam_scores
         else:
-            with stage("rescore"):
-                scores = -_nll(backend, q_state, cands, doc_lp, rescore)
-        best = np.argsort(-scores, kind="stable")[:num_return_sequences]
-        out_seqs.append(cands[best])
-        out_scores.append(scores[best].astype(np.float32))
-    return Decoded(out_seqs, out_scores)
+            scores = -sequence_nll(picked, sums, log_softmax(self._doc_scores), self.rescoring()[1], self._rescore,
+                                   vocab)
+        best = np.argsort(-scores, kind="stable")[: self._n]
+        return Decoded(self._cands[best], scores[best].astype(np.float32))
 
 
-def _nll(backend: GeneratorBackend, state: Any, cands: np.ndarray, doc_lp: np.ndarray,
-         rescore: RescoreSettings) -> np.ndarray:
-    """transformers' RagSequenceForGeneration.get_nll(..., exclude_bos_score=True) per candidate."""
-    n, length = cands.shape
-    n_docs = doc_lp.shape[0]
-    target = np.concatenate([cands[:, 1:], np.full((n, 1), rescore.pad_token_id, dtype=cands.dtype)], axis=1)
-    ll = np.empty((n_docs, n, length), dtype=np.float32)
-    smooth = np.empty((n_docs, n, length), dtype=np.float32) if rescore.label_smoothing else None
-    for d in range(n_docs):  # one passage at a time bounds the device's logits to [n, L, vocab]
-        picked, sums = backend.label_logprobs(backend.select(state, np.array([d])), cands, target)
-        ll[d] = picked
-        if smooth is not None:
-            smooth[d] = sums
-    vocab = backend.vocab
+def sequence_nll(picked: np.ndarray, sums: np.ndarray | None, doc_lp: np.ndarray, target: np.ndarray,
+                 rescore: RescoreSettings, vocab: int) -> np.ndarray:
+    """transformers' ``RagSequenceForGeneration.get_nll(..., exclude_bos_score=True)`` per candidate, from
+    the teacher-forced log-probabilities of the labels ``picked`` [n_docs, n, L] (and ``sums`` of all
+    log-probabilities, [n_docs, n, L], used by label smoothing)."""
+    ll = picked.astype(np.float32, copy=True)
+    length = target.shape[1]
     # The passage prior is added at the second position, before pads are masked.
-    ll[:, :, 1] += doc_lp[:, None] if length > 1 else 0
+    if length > 1:
+        ll[:, :, 1] += doc_lp[:, None]
     pad = target == rescore.pad_token_id
     ll[:, pad] = 0.0
     use_bos = rescore.bos_token_id is not None and bool((target[:, 0] == rescore.bos_token_id).all())
     total = ll[:, :, 1:].sum(axis=2) if use_bos else ll.sum(axis=2)
     nll = -logsumexp(total, axis=0)
-    if smooth is None:
+    if not rescore.label_smoothing:
         return nll
-    smooth[:, :, 1] += doc_lp[:, None] * vocab if length > 1 else 0
+    smooth = sums.astype(np.float32, copy=True)
+    if length > 1:
+        smooth[:, :, 1] += doc_lp[:, None] * vocab
     smooth[:, pad] = 0.0
     smooth_loss = -logsumexp(smooth.sum(axis=2), axis=0)
     eps = rescore.label_smoothing

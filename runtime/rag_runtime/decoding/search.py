@@ -1,10 +1,11 @@
-"""Greedy and beam search over a ``step`` callable, with transformers 5.x semantics.
+"""Greedy and beam search as state plus a step, with transformers 5.x semantics.
 
-``step(sequences)`` receives the running sequences ``[rows, cur_len]`` (rows ordered (item, beam)) and
-returns next-token logits ``[rows, vocab]`` float32 for their last position; the caller keeps its own
-KV cache. Beam search asks a ``candidates`` callable instead (:func:`host_candidates` builds one from a
-``step``; a device-side head can answer it without the logits leaving the device), and
-``reorder(parents)`` tells the caller which row each new row continues.
+A search holds one question's decoding (its items: one for RAG-Token, one per passage for RAG-Sequence)
+and is advanced one token at a time by its caller, so that many searches with different settings and
+lengths can share each decoder call. :attr:`BeamSearch.sequences` are the running sequences (rows ordered
+(item, beam)); the caller computes their next-token candidates (:func:`host_candidates` from logits on the
+host, or a device-side head without the logits leaving the device) and passes them to
+:meth:`BeamSearch.advance`, which returns the row each new row continues (the caller reorders its cache).
 
 The beam search is the vectorized one of transformers 5.x (``GenerationMixin._beam_search``): keep
 ``2 * num_beams`` candidates per step, the best ``num_beams`` unfinished ones run on, the best finished
@@ -22,7 +23,6 @@ from . import processors as P
 from .sampling import Sampler
 
 Step = Callable[[np.ndarray], np.ndarray]
-Reorder = Callable[[np.ndarray], None]
 Candidates = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
 """``candidates(sequences [items*k, cur_len], running_scores [items, k], keep)`` -> the ``keep`` best
 (beam, token) extensions per item, best first: scores (processed log-prob + running score), beam, token;
@@ -77,29 +77,41 @@ def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return x[np.arange(x.shape[0])[:, None], idx]
 
 
-def greedy(step: Step, start: np.ndarray, proc: P.ProcessorSettings, search: SearchSettings,
-           sampler: Sampler | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Returns sequences [rows, L] and the sum of the chosen tokens' processed scores per row.
+class GreedySearch:
+    """Greedy decoding (or multinomial sampling, with a ``sampler``) of ``start.shape[0]`` rows.
 
-    With a ``sampler``, each token is drawn from the warped scores (transformers' multinomial sampling)
-    instead of taken as the best one."""
-    seqs = start.astype(np.int64)
-    rows = seqs.shape[0]
-    unfinished = np.ones(rows, dtype=bool)
-    totals = np.zeros(rows, dtype=np.float32)
-    pad = search.pad_token_id if search.pad_token_id is not None else search.eos_token_ids[0]
-    eos = np.asarray(search.eos_token_ids)
-    while True:
-        scores = P.apply(proc, seqs, step(seqs))
-        tokens = scores.argmax(axis=-1) if sampler is None else sampler.tokens(sampler.warp(scores))
-        totals += np.where(unfinished, scores[np.arange(rows), tokens], 0).astype(np.float32)
-        tokens = np.where(unfinished, tokens, pad)
-        seqs = np.concatenate([seqs, tokens[:, None]], axis=1)
-        unfinished &= ~np.isin(tokens, eos)
-        if seqs.shape[1] >= proc.max_length:
-            unfinished[:] = False
-        if not unfinished.any():
-            return seqs, totals
+    Attributes:
+        sequences: The running sequences [rows, cur_len], start tokens included.
+        totals: Per row, the sum of the chosen tokens' processed scores.
+        done: Every row has finished (EOS or ``max_length``).
+    """
+
+    def __init__(self, search: SearchSettings, max_length: int, start: np.ndarray, sampler: Sampler | None = None):
+        self.sequences = start.astype(np.int64)
+        rows = self.sequences.shape[0]
+        self._max_length, self._sampler = max_length, sampler
+        self._unfinished = np.ones(rows, dtype=bool)
+        self.totals = np.zeros(rows, dtype=np.float32)
+        self._pad = search.pad_token_id if search.pad_token_id is not None else search.eos_token_ids[0]
+        self._eos = np.asarray(search.eos_token_ids)
+        self.done = False
+
+    def advance(self, scores: np.ndarray) -> None:
+        """Append one token per row chosen from its processed ``scores`` [rows, vocab]."""
+        s = self._sampler
+        tokens = scores.argmax(axis=-1) if s is None else s.tokens(s.warp(scores))
+        rows = np.arange(len(tokens))
+        self.totals += np.where(self._unfinished, scores[rows, tokens], 0).astype(np.float32)
+        tokens = np.where(self._unfinished, tokens, self._pad)
+        self.sequences = np.concatenate([self.sequences, tokens[:, None]], axis=1)
+        self._unfinished &= ~np.isin(tokens, self._eos)
+        if self.sequences.shape[1] >= self._max_length:
+            self._unfinished[:] = False
+        self.done = not self._unfinished.any()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sequences [rows, L] and their summed scores."""
+        return self.sequences, self.totals
 
 
 def host_candidates(step: Step, proc: P.ProcessorSettings, sampler: Sampler | None = None) -> Candidates:
@@ -121,77 +133,89 @@ def host_candidates(step: Step, proc: P.ProcessorSettings, sampler: Sampler | No
     return candidates
 
 
-def beam_search(candidates: Candidates, reorder: Reorder, start: np.ndarray, proc: P.ProcessorSettings,
-                search: SearchSettings) -> tuple[np.ndarray, np.ndarray]:
-    """Returns sequences [items * num_return_sequences, L] and their (length-normalized) scores."""
-    k = search.num_beams
-    rows, prompt_len = start.shape
-    batch = rows // k
-    max_length = proc.max_length
-    eos = np.asarray(search.eos_token_ids)
-    keep = max(2, 1 + len(eos)) * k
-    top_k_mask = np.arange(keep) < k
-    lp, early = search.length_penalty, search.early_stopping
-    pad = search.pad_token_id
-    # transformers: `pad_token_id or eos_token_id[0]` -- a pad id of 0 falls through to EOS.
-    fill = (pad or int(eos[0])) if len(eos) else -1
+class BeamSearch:
+    """Beam search over ``start.shape[0] // num_beams`` items, advanced one token at a time.
 
-    running = np.full((batch, k, max_length), fill, dtype=np.int64)
-    running[:, :, :prompt_len] = start.reshape(batch, k, prompt_len)
-    sequences = running.copy()
-    running_scores = np.zeros((batch, k), dtype=np.float32)
-    running_scores[:, 1:] = -_BIG
-    beam_scores = np.full((batch, k), -_BIG, dtype=np.float32)
-    finished = np.zeros((batch, k), dtype=bool)
-    unsatisfied = np.ones((batch, 1), dtype=bool)
-    running_len = np.zeros((batch, k), dtype=np.int64)  # generated tokens per running beam
-    lengths = np.zeros((batch, k), dtype=np.int64)
-    batch_offset = (np.arange(batch) * k)[:, None]
-    cur_len = prompt_len
+    Attributes:
+        sequences: The running sequences [items * num_beams, cur_len], ordered (item, beam).
+        running_scores: Their scores [items, num_beams].
+        keep: Candidates :meth:`advance` expects per item (transformers keeps ``(1 + #EOS) * num_beams``).
+        done: Every item's search has stopped.
+    """
 
-    while True:
-        flat = running[:, :, :cur_len].reshape(batch * k, cur_len)
-        top_scores, parent, token = candidates(flat, running_scores, keep)
-        cand = _take(running, parent)
+    def __init__(self, search: SearchSettings, max_length: int, start: np.ndarray):
+        k = self._k = search.num_beams
+        rows, self._prompt_len = start.shape
+        batch = self._batch = rows // k
+        self._search, self._max_length = search, max_length
+        self._eos = np.asarray(search.eos_token_ids)
+        self.keep = max(2, 1 + len(self._eos)) * k
+        self._top_k_mask = np.arange(self.keep) < k
+        # transformers: `pad_token_id or eos_token_id[0]` -- a pad id of 0 falls through to EOS.
+        fill = (search.pad_token_id or int(self._eos[0])) if len(self._eos) else -1
+        self._running = np.full((batch, k, max_length), fill, dtype=np.int64)
+        self._running[:, :, : self._prompt_len] = start.reshape(batch, k, self._prompt_len)
+        self._sequences = self._running.copy()
+        self.running_scores = np.zeros((batch, k), dtype=np.float32)
+        self.running_scores[:, 1:] = -_BIG
+        self._beam_scores = np.full((batch, k), -_BIG, dtype=np.float32)
+        self._finished = np.zeros((batch, k), dtype=bool)
+        self._unsatisfied = np.ones((batch, 1), dtype=bool)
+        self._running_len = np.zeros((batch, k), dtype=np.int64)  # generated tokens per running beam
+        self._lengths = np.zeros((batch, k), dtype=np.int64)
+        self._batch_offset = (np.arange(batch) * k)[:, None]
+        self.cur_len = self._prompt_len
+        self.done = False
+
+    @property
+    def sequences(self) -> np.ndarray:
+        return self._running[:, :, : self.cur_len].reshape(self._batch * self._k, self.cur_len)
+
+    def advance(self, top_scores: np.ndarray, parent: np.ndarray, token: np.ndarray) -> np.ndarray:
+        """Extend by the ``keep`` best candidates per item (each [items, keep], best first: scores, beam,
+        token); returns the row each new running row continues ([items * num_beams], rows of this search)."""
+        k, lp, early = self._k, self._search.length_penalty, self._search.early_stopping
+        cur_len, prompt_len = self.cur_len, self._prompt_len
+        cand = _take(self._running, parent)
         cand[:, :, cur_len] = token
-        cand_len = _take(running_len, parent) + 1
-        parent_rows = parent + batch_offset
+        cand_len = _take(self._running_len, parent) + 1
+        parent_rows = parent + self._batch_offset
 
-        hits = (token[:, :, None] == eos).any(axis=2) | (cur_len + 1 >= max_length)
+        hits = (token[:, :, None] == self._eos).any(axis=2) | (cur_len + 1 >= self._max_length)
 
         # The best `k` unfinished candidates run on.
         run_scores = top_scores + hits.astype(np.float32) * -_BIG
         nxt = topk(run_scores, k)
-        running = _take(cand, nxt)
-        running_scores = _take(run_scores, nxt)
-        running_len = _take(cand_len, nxt)
+        self._running = _take(cand, nxt)
+        self.running_scores = _take(run_scores, nxt)
+        self._running_len = _take(cand_len, nxt)
         chosen_parents = _take(parent_rows, nxt)
 
         # Finished candidates among the top `k` compete with the finished hypotheses so far.
-        just_finished = hits & top_k_mask[None, :]
+        just_finished = hits & self._top_k_mask[None, :]
         normed = top_scores / np.float32((cur_len + 1 - prompt_len) ** lp)
-        full = finished.all(axis=-1, keepdims=True) & (early is True)
+        full = self._finished.all(axis=-1, keepdims=True) & (early is True)
         normed = normed + full.astype(np.float32) * -_BIG
-        normed = normed + (~unsatisfied).astype(np.float32) * -_BIG
+        normed = normed + (~self._unsatisfied).astype(np.float32) * -_BIG
         normed = normed + (~just_finished).astype(np.float32) * -_BIG
-        merged_scores = np.concatenate([beam_scores, normed.astype(np.float32)], axis=1)
+        merged_scores = np.concatenate([self._beam_scores, normed.astype(np.float32)], axis=1)
         best = topk(merged_scores, k)
-        sequences = _take(np.concatenate([sequences, cand], axis=1), best)
-        beam_scores = _take(merged_scores, best)
-        lengths = _take(np.concatenate([lengths, cand_len], axis=1), best)
-        finished = _take(np.concatenate([finished, just_finished], axis=1), best)
+        self._sequences = _take(np.concatenate([self._sequences, cand], axis=1), best)
+        self._beam_scores = _take(merged_scores, best)
+        self._lengths = _take(np.concatenate([self._lengths, cand_len], axis=1), best)
+        self._finished = _take(np.concatenate([self._finished, just_finished], axis=1), best)
+        self.cur_len = cur_len = cur_len + 1
 
-        reorder(chosen_parents.reshape(-1))
-        cur_len += 1
+        hypothetical = (self._max_length if (early == "never" and lp > 0.0) else cur_len) - prompt_len
+        best_running = self.running_scores[:, :1] / np.float32(hypothetical**lp)
+        worst_finished = np.where(self._finished, self._beam_scores.min(axis=1, keepdims=True), np.float32(-_BIG))
+        self._unsatisfied = self._unsatisfied & (best_running > worst_finished).any(axis=-1, keepdims=True)
+        self.done = bool((not self._unsatisfied.any()) or (self._finished.all() and early is True) or hits.all())
+        return chosen_parents.reshape(-1)
 
-        hypothetical = (max_length if (early == "never" and lp > 0.0) else cur_len) - prompt_len
-        best_running = running_scores[:, :1] / np.float32(hypothetical**lp)
-        worst_finished = np.where(finished, beam_scores.min(axis=1, keepdims=True), np.float32(-_BIG))
-        unsatisfied = unsatisfied & (best_running > worst_finished).any(axis=-1, keepdims=True)
-        done = (not unsatisfied.any()) or (finished.all() and early is True) or hits.all()
-        if done:
-            break
-
-    n = search.num_return_sequences
-    out_len = prompt_len + int(lengths[:, :n].max())
-    return sequences[:, :n, :out_len].reshape(batch * n, out_len), beam_scores[:, :n].reshape(-1)
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sequences [items * num_return_sequences, L] and their (length-normalized) scores, best first."""
+        n = self._search.num_return_sequences
+        out_len = self._prompt_len + int(self._lengths[:, :n].max())
+        return (self._sequences[:, :n, :out_len].reshape(self._batch * n, out_len),
+                self._beam_scores[:, :n].reshape(-1))

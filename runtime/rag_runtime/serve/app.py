@@ -48,7 +48,7 @@ def create_app(pipeline: PipelineSource, limits: ServeLimits | None = None, *, a
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.batcher.start()
+        service.scheduler.start()
         if load_in_background:
             prepare = asyncio.get_running_loop().create_task(service.prepare())
         else:
@@ -57,7 +57,7 @@ def create_app(pipeline: PipelineSource, limits: ServeLimits | None = None, *, a
         yield
         if prepare is not None and not prepare.done():
             prepare.cancel()
-        await service.batcher.stop()
+        await service.scheduler.stop()
 
     app = FastAPI(title="rag-serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -107,7 +107,8 @@ def _add_routes(app: FastAPI, service: Service, limits: ServeLimits, api_key: st
             raise ApiError(503, "not_ready", "the export is still loading", headers={"Retry-After": "1"})
         out = _model_info(service.pipeline)
         out["versions"] = {"export": out["versions"], "rag_runtime": __version__, "python": platform.python_version()}
-        return JSONResponse({**out, "limits": limits.as_dict(), "options": _options_info(service.pipeline, limits)})
+        return JSONResponse({**out, "limits": limits.as_dict(), "scheduler": _scheduler_info(service),
+                             "options": _options_info(service.pipeline, limits)})
 
     async def metrics(request: Request, stats: dict) -> Response:
         text, content_type = service.metrics.render()
@@ -140,7 +141,9 @@ async def _answer(service: Service, limits: ServeLimits, request: Request, stats
         if operation == "retrieve":
             params = _retrieve_params(params, limits)
         else:
-            service.validate_generation(params)
+            opts = service.validate_generation(params)
+            if service.limits.scheduler == "engine":
+                params = opts
         job = service.submit(operation, questions, params, timeout_s)
         results = await service.wait(job, request)
         stats.update(queue_s=job.queue_s, inference_s=job.inference_s, batch=job.batch_size)
@@ -148,7 +151,7 @@ async def _answer(service: Service, limits: ServeLimits, request: Request, stats
         service.active -= 1
     to_json = _generated if operation == "generate" else _retrieved
     headers = {"x-queue-time": f"{job.queue_s * 1000:.1f}", "x-inference-time": f"{job.inference_s * 1000:.1f}",
-               "x-batch-size": str(job.batch_size), "x-request-id": stats["id"]}
+               "x-batch-size": f"{job.batch_size:.3g}", "x-request-id": stats["id"]}
     return JSONResponse({"results": [to_json(q, r) for q, r in zip(questions, results, strict=True)]},
                         headers=headers)
 
@@ -196,6 +199,18 @@ def _generated(question: str, r: RagOutput) -> dict:
 
 def _retrieved(question: str, docs: list[Document]) -> dict:
     return {"question": question, "docs": [_document(d) for d in docs]}
+
+
+def _scheduler_info(service: Service) -> dict:
+    """How questions are scheduled, with the engine's budgets and what it holds now."""
+    if service.limits.scheduler != "engine":
+        return {"kind": "request", "max_batch_size": service.limits.max_batch_size,
+                "max_wait_ms": service.limits.max_wait_ms}
+    engine = service.scheduler.engine
+    return {"kind": "engine", "max_batch_size": service.limits.max_batch_size, **(service.budget or {}),
+            "active_questions": engine.active_questions if engine else 0,
+            "active_rows": engine.active_rows if engine else 0,
+            "queued_questions": service.scheduler.queued_questions}
 
 
 def _options_info(pipe, limits: ServeLimits) -> dict:

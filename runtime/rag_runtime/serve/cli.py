@@ -10,12 +10,17 @@ import sys
 
 from ..commands import run_command
 from ..errors import InvalidOptionError, RagError, require
-from .limits import ServeLimits
+from .limits import SCHEDULERS, ServeLimits
 
 logger = logging.getLogger("rag_runtime.serve")
 _LIMIT_OPTIONS = {
-    "max_batch_size": "questions per generate call (1 = batching off)",
-    "max_wait_ms": "how long the oldest queued question waits for others with equal parameters",
+    "scheduler": "engine: questions join and leave one running decode between its steps; request: requests "
+                 "with equal parameters batched into one generate call, run to the end",
+    "max_batch_size": "questions decoding together at most (1 = batching off)",
+    "max_rows": "engine: decoder rows per step (default: from the export's cache bytes per row and the "
+                "machine's memory); a question needing more is refused",
+    "max_wait_ms": "request scheduler: how long the oldest queued question waits for others with equal "
+                   "parameters",
     "max_queue": "questions allowed to wait; beyond it 429 at once",
     "timeout_s": "default deadline; still queued past it: 504, never computed",
     "drain_timeout_s": "on SIGTERM/SIGINT, how long queued and in-flight requests may take",
@@ -46,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("limits (reported by GET /info)")
     for name, help in _LIMIT_OPTIONS.items():
         value = getattr(defaults, name)
-        g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(value), default=value, help=help)
+        kind = dict(choices=SCHEDULERS) if name == "scheduler" else dict(type=int if value is None else type(value))
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, default=value, help=help, **kind)
     r = p.add_argument_group("Ray Serve (pip install 'rag-export[serve-ray]')")
     r.add_argument("--ray", action="store_true", help="serve through Ray Serve on a local Ray instance")
     r.add_argument("--replicas", type=int, default=1, help="replicas, one pipeline each")

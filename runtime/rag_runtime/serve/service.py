@@ -9,12 +9,14 @@ from collections.abc import Callable
 
 from starlette.requests import Request
 
+from ..engine import row_budget
 from ..errors import InvalidOptionError, UnknownOptionError
 from ..options import OPTIONS, GenerationOptions, source_of
 from ..pipeline import RagPipeline
 from .batcher import Batcher, BatchFailed, DeadlineExceeded, Job, QueueFull, ShuttingDown
 from .limits import ServeLimits
 from .metrics import ServeMetrics
+from .scheduler import EngineJob, EngineScheduler
 from .validation import ApiError
 
 logger = logging.getLogger("rag_runtime.serve")
@@ -38,7 +40,9 @@ class Service:
         self._loader = None if isinstance(pipeline, RagPipeline) else pipeline
         self.limits, self.on_fatal = limits, on_fatal
         self.metrics = ServeMetrics()
-        self.batcher = Batcher(self._run_batch, limits, self.metrics)
+        self.budget: dict | None = None  # the engine's row budget, once the export is loaded
+        self.scheduler = (EngineScheduler(lambda: self.pipeline, self._max_rows, limits, self.metrics)
+                          if limits.scheduler == "engine" else Batcher(self._run_batch, limits, self.metrics))
         self.state = "loading" if self.pipeline is None else "warming_up"
         self.fatal_error: BaseException | None = None
         self.draining = False
@@ -48,7 +52,7 @@ class Service:
     def ready(self) -> bool:
         """Loaded, warmed up, not draining, and not failing batch after batch."""
         return (self.state == "ready" and not self.draining
-                and self.batcher.consecutive_failures < self.limits.failures_until_unready)
+                and self.scheduler.consecutive_failures < self.limits.failures_until_unready)
 
     def readiness(self) -> str:
         """``ready``, or why not: ``loading``, ``warming_up``, ``draining``, ``failing`` or ``failed``."""
@@ -64,11 +68,15 @@ class Service:
         try:
             if self.pipeline is None:
                 started = time.monotonic()
-                self.pipeline = await loop.run_in_executor(self.batcher.executor, self._loader)
+                self.pipeline = await loop.run_in_executor(self.scheduler.executor, self._loader)
                 logger.info("loaded the export in %.1f s", time.monotonic() - started)
                 self.state = "warming_up"
+            if self.limits.scheduler == "engine":
+                self.budget = row_budget(self.pipeline.manifest, self.limits.max_length, self.limits.max_rows)
+                logger.info("engine: at most %d decoder rows per step (%.1f MB of cache and logits per row)",
+                            self.budget["max_rows"], self.budget["bytes_per_row"] / 1e6)
             started = time.monotonic()
-            await loop.run_in_executor(self.batcher.executor, self.pipeline.generate, [WARMUP_QUESTION])
+            await loop.run_in_executor(self.scheduler.executor, self.pipeline.generate, [WARMUP_QUESTION])
             logger.info("warm-up answer in %.0f ms; ready", (time.monotonic() - started) * 1000)
             self.state = "ready"
         except Exception as e:
@@ -103,18 +111,26 @@ class Service:
                         else f"would be {value} (with the export's defaults)")
                 raise ApiError(422, "limit_exceeded", f"'{field}' {said} exceeds the server's {opt.cap} ({limit})",
                                field)
+        rows = self.pipeline.generator.rows(opts)
+        if self.budget is not None and rows > self.budget["max_rows"]:
+            field = "n_docs" if "n_docs" in params or "num_beams" not in params else "num_beams"
+            raise ApiError(422, "limit_exceeded", f"a question would need {rows} decoder rows (n_docs {opts.n_docs} x "
+                           f"num_beams {opts.num_beams}), over the server's max_rows ({self.budget['max_rows']})",
+                           field)
         return opts
 
-    def submit(self, operation: str, questions: list[str], params: dict, timeout_s: float) -> Job:
-        """Queue the questions or refuse with 429 at once."""
+    def submit(self, operation: str, questions: list[str], params, timeout_s: float) -> Job | EngineJob:
+        """Queue the questions or refuse with 429 at once. ``params``: the request's keywords (the engine
+        takes a generation request's resolved options)."""
         try:
-            return self.batcher.submit(operation, questions, params, timeout_s)
+            return self.scheduler.submit(operation, questions, params, timeout_s)
         except QueueFull as e:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(429, "queue_full", f"overloaded: {e}", headers={"Retry-After": "1"}) from None
 
-    async def wait(self, job: Job, request: Request) -> list:
-        """The job's results; 504 if it is still queued at its deadline; dropped if the client leaves."""
+    async def wait(self, job: Job | EngineJob, request: Request) -> list:
+        """The job's results; 504 at its deadline (the engine: its questions leave the running decode;
+        request batching: only if it has not started); dropped if the client leaves."""
         watcher = asyncio.ensure_future(_disconnected(request))
         try:
             timeout = max(0.0, job.deadline - time.monotonic())
@@ -122,18 +138,18 @@ class Service:
                                          return_when=asyncio.FIRST_COMPLETED)
             if job.future not in done:
                 reason = "disconnect" if watcher in done else "deadline"
-                if self.batcher.abandon(job, reason):
-                    raise ApiError(504, "deadline_exceeded", f"not started within its deadline ({reason})")
+                if self.scheduler.abandon(job, reason):
+                    raise ApiError(504, "deadline_exceeded", f"not answered within its deadline ({reason})")
                 # Already computing: cancelling would waste the work, so the answer is sent anyway.
             return await job.future
         except DeadlineExceeded:
-            raise ApiError(504, "deadline_exceeded", "not started within its deadline") from None
+            raise ApiError(504, "deadline_exceeded", "not answered within its deadline") from None
         except BatchFailed as e:
             raise ApiError(500, "inference_failed", str(e)) from None
         except ShuttingDown as e:
             raise ApiError(503, "shutting_down", str(e), headers={"Connection": "close"}) from None
         except asyncio.CancelledError:
-            self.batcher.abandon(job, "disconnect")
+            self.scheduler.abandon(job, "disconnect")
             raise
         finally:
             watcher.cancel()
@@ -142,14 +158,17 @@ class Service:
         """Refuse new work and wait until queued and in-flight requests are answered; False on timeout."""
         self.draining = True
         logger.info("draining: %d requests in progress, %d questions queued", self.active,
-                    self.batcher.queued_questions)
+                    self.scheduler.queued_questions)
         deadline = time.monotonic() + timeout_s
-        while (self.active or not self.batcher.idle) and time.monotonic() < deadline:
+        while (self.active or not self.scheduler.idle) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        drained = not self.active and self.batcher.idle
+        drained = not self.active and self.scheduler.idle
         if not drained:
             logger.error("drain timeout: %d requests still in progress", self.active)
         return drained
+
+    def _max_rows(self) -> int:
+        return self.budget["max_rows"] if self.budget else (self.limits.max_rows or 1)
 
     def _run_batch(self, operation: str, questions: list[str], params: dict) -> list:
         if operation == "retrieve":
