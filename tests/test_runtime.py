@@ -212,3 +212,14 @@ def test_export_made_before_the_scorer_graph_still_answers(bundles, questions, t
 def test_non_string_question_is_a_type_error(bundles):
     with pytest.raises(TypeError, match="questions must be strings, got int"):
         bundles[("token", "bart")].pipeline.generate([3])
+
+
+def test_a_format_3_export_is_refused_with_re_export(bundles, tmp_path):
+    """Format 4's decoder takes rows of different lengths; a format-3 export cannot serve the engine."""
+    dst = tmp_path / "old"
+    shutil.copytree(bundles[("token", "bart")].export, dst)
+    manifest = json.loads((dst / C.MANIFEST_FILE).read_text())
+    manifest["format_version"] = 3
+    (dst / C.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"format version 3; this runtime reads 4 \(re-export"):
+        RagPipeline.load(dst)
