@@ -256,7 +256,7 @@ def lm_head_kernel(export_dir: Path, inputs: list[tuple], params: dict, threads:
 
     original = pipeline.create_session
 
-    def profiled(path, device, threads_=None, spinning=True):
+    def profiled(path, device, threads_=None, spinning=True, provider_options=None):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads_ or 1, 1, 3

@@ -7,18 +7,23 @@ import time
 from collections import defaultdict
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
+from .sessions import describe
+
 
 class StageTimer:
     """Accumulated wall time per pipeline stage, and per onnxruntime graph (``onnxruntime/<graph>``).
 
     Attributes:
         totals: Seconds per stage name since the last :meth:`reset`.
+        sessions: Per graph of the pipelines it timed, what onnxruntime granted its session: providers, their
+            options and, on CUDA, node placement (:func:`rag_runtime.sessions.describe`).
     """
 
     enabled = True
 
     def __init__(self):
         self.totals: dict[str, float] = defaultdict(float)
+        self.sessions: dict[str, dict] = {}
 
     def reset(self) -> None:
         self.totals.clear()
@@ -46,6 +51,7 @@ class TimedSession:
 
     def __init__(self, session, timer: StageTimer, graph: str):
         self._session, self._timer, self._stage = session, timer, f"onnxruntime/{graph}"
+        timer.sessions[graph] = describe(session)
 
     def _timed(self, run, *args, **kwargs):
         with self._timer.stage("onnxruntime"), self._timer.stage(self._stage):
