@@ -164,7 +164,8 @@ class RuntimeSide:
     def reset(self) -> None:
         self.pipe.timer.reset()
 
-    def stages(self, calls: int, steps: int) -> dict:
+    def stages(self, calls: int, steps: int, mean_s: float) -> dict:
+        """Per call: generator encoder and decode time (the timer's stages), and the host's share of a step."""
         totals = self.pipe.timer.totals
         decode = totals.get("decode", 0.0) / calls
         # Host time inside the decode loop: beam bookkeeping, processors, bindings (not onnxruntime).
@@ -228,7 +229,8 @@ class ReferenceSide:
     def reset(self) -> None:
         self.encode_s = 0.0
 
-    def stages(self, calls: int, steps: int, mean_s: float = 0.0) -> dict:
+    def stages(self, calls: int, steps: int, mean_s: float) -> dict:
+        """Per call: the generator encoder's time, and the rest of ``generate`` (mean ``mean_s``) as decode."""
         encode = self.encode_s / calls
         return {"generator_encode_ms": encode * 1e3, "decode_ms": (mean_s - encode) * 1e3, "host_ms_per_step": None}
 
@@ -366,8 +368,7 @@ def measure(sides: dict, inputs: list[tuple], params: dict, warmup: int, rounds:
     report: dict = {"calls": done, "truncated": truncated, "errors": errors, "sides": {}}
     for name, side in sides.items():
         values = latency[name]
-        stages = (side.stages(done, steps) if isinstance(side, RuntimeSide)
-                  else side.stages(done, steps, statistics.fmean(values)))
+        stages = side.stages(done, steps, statistics.fmean(values))
         report["sides"][name] = {
             "p50_ms": _pct(values, 50) * 1e3, "p90_ms": _pct(values, 90) * 1e3, "p99_ms": _pct(values, 99) * 1e3,
             "mean_ms": statistics.fmean(values) * 1e3, **stages, "decode_step_ms": stages["decode_ms"] / steps,
@@ -599,8 +600,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"(floor {_fmt(s['step_floor_ms'], '.3f')} ms)")
         for pair in parity_pairs(specs):
             v = run.get("agreement", {}).get(pair)
-            if v is not None and v["identical"] != v["compared"]:
-                failed.append(f"batch {batch} {pair}: {v['identical']}/{v['compared']}")
+            if v is None or v["identical"] != v["compared"] or not v["compared"]:
+                failed.append(f"batch {batch} {pair}: " + (f"{v['identical']}/{v['compared']}" if v else "not compared"))
         report["runs"].append(run)
         write_results(args.out / name, report, markdown(report))
         _log(f"batch {batch}: {run['calls']} calls written to {args.out / name}.json")

@@ -87,7 +87,13 @@ prepare() {
   facts
   if [ -f "$dir/prepare.status" ]; then log "prepare already started: $(tr '\n' ' ' < "$dir/prepare.status")"; return 0; fi
   : > "$dir/prepare.status"
-  setsid nohup bash "$repo/scripts/device_bench.sh" _build > "$dir/prepare.log" 2>&1 < /dev/null &
+  # A new session, so the job outlives this call (the device kills what a command leaves behind otherwise).
+  if command -v setsid > /dev/null; then
+    setsid nohup bash "$repo/scripts/device_bench.sh" _build > "$dir/prepare.log" 2>&1 < /dev/null &
+  else
+    "$py" -c 'import os, sys; os.setsid(); os.execvp("bash", sys.argv[1:])' "$repo/scripts/device_bench.sh" _build \
+      > "$dir/prepare.log" 2>&1 < /dev/null &
+  fi
   log "building tiny and $large checkpoints and exports in the background (log: $dir/prepare.log)"
 }
 
@@ -103,12 +109,18 @@ wait_for() {  # wait_for LABEL SECONDS: until prepare.status says LABEL (or a fa
   done
 }
 
-nvidia_lib_dirs() {  # the image's CUDA/cuDNN libraries: the lib folders of the nvidia-* wheels beside torch
+nvidia_lib_dirs() {  # the image's CUDA/cuDNN libraries (the lib folders of the nvidia-* wheels beside torch),
+  # and the driver's folder if the loader does not know libcuda.so.1 already
   "$py" - <<'EOF'
-import site, sys
+import ctypes, site, sys
 from pathlib import Path
 roots = [Path(p) / "nvidia" for p in [*site.getsitepackages(), site.getusersitepackages(), *sys.path] if p]
 dirs = sorted({str(f.parent) for r in roots if r.is_dir() for f in r.rglob("lib*.so*")})
+try:
+    ctypes.CDLL("libcuda.so.1")
+except OSError:
+    dirs += sorted({str(f.parent) for d in ("/usr/local/nvidia", "/usr/lib64", "/usr/lib/x86_64-linux-gnu")
+                    if Path(d).is_dir() for f in Path(d).rglob("libcuda.so.1")})
 print(":".join(dirs))
 EOF
 }
@@ -146,13 +158,16 @@ tiny_check() {  # 2b. fp32 parity across devices, TF32 against TF32, fp16 drift,
   log "tiny check exit $rc (1: an fp32 pair differs, see device-tiny-check.md); going on"
 }
 
-measure() {
+measure() {  # everything it prints also goes to $out/device-run.log
+  mkdir -p "$out"
+  measure_steps 2>&1 | tee -a "$out/device-run.log"
+}
+
+measure_steps() {
   local want=${args[0]:?measure SHA256} stages=${args[1]:-all} t_start
   [[ $stages = all || $stages = large ]] || die "measure SHA256 [all|large]: unknown stages '$stages'"
   t_start=$(date +%s)
   budget_end=$(( t_start + ${MEASURE_BUDGET_S:-370} ))
-  mkdir -p "$out"
-  exec > >(tee -a "$out/device-run.log") 2>&1
   log "measure $stages: budget ${MEASURE_BUDGET_S:-370} s, results in $out"
   # 1. the wheel: every part here, joined, checked against the sha256 on this command line, installed
   local any total name
