@@ -107,8 +107,11 @@ def test_placement_counts_nodes_per_provider(bundles):
 
 
 @pytest.mark.cuda
-def test_cuda_sessions_are_granted_with_tf32_off_unless_asked(bundles):
-    export = bundles[("token", "bart")].export
+def test_cuda_sessions_are_granted_with_tf32_off_unless_asked(work_dir):
+    """Runs where onnxruntime-gpu is (the device run calls it); its export needs neither faiss nor datasets."""
+    from benchmarks.device import prepare
+
+    export = prepare("tiny", ["fp32"], work_dir)[1]["fp32"]
     for asked, expected in ((None, "0"), ({"use_tf32": 1}, "1")):
         timer = StageTimer()
         RagPipeline.load(export, device="cuda", timer=timer, provider_options=asked)
