@@ -88,3 +88,17 @@ def bundles(work_dir) -> dict[tuple[str, str], Bundle]:
 def questions() -> list[str]:
     lines = (ROOT / "scripts" / "data" / "questions.txt").read_text().splitlines()
     return [q for q in lines if q.strip()]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need onnxruntime's CUDA provider: without it they are skipped, and -ra reports
+    each one with the way to run it."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return
+    skip = pytest.mark.skip(reason="needs onnxruntime-gpu and a GPU: run on an accelerator machine "
+                                   "(README, 'Devices, IOBinding and fp16')")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -18,23 +18,35 @@ def test_device_benchmark_without_faiss_or_datasets(tmp_path):
         sys.modules["faiss"] = sys.modules["datasets"] = None  # absent: imports fail, find_spec finds nothing
         from benchmarks import device, run
         run.CACHE = device.CACHE = __import__("pathlib").Path({str(tmp_path / "cache")!r})
-        sys.exit(device.main(["--workload", "tiny", "--questions", "3", "--batch", "1", "2",
+        sys.exit(device.main(["--workload", "tiny", "--questions", "3", "--min-batches", "2", "--warmup", "1",
+                              "--batch", "1", "2", "--cache", {str(tmp_path / "cache")!r},
                               "--out", {str(tmp_path / "results")!r}, "--name", "smoke", "--require-identical"]))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "results" / "smoke.json").read_text())
     assert [r["batch"] for r in report["runs"]] == [1, 2]
+    sides = {"runtime-cpu-fp32", "runtime-cpu-fp16", "transformers-cpu-fp32-eager", "transformers-cpu-fp32-sdpa",
+             "transformers-cpu-fp16-eager", "transformers-cpu-fp16-sdpa"}
+    assert set(report["sides"]) == sides
+    for name, side in report["sides"].items():
+        if name.startswith("runtime"):
+            assert {g["providers"][0] for g in side["graphs"].values()} == {"CPUExecutionProvider"}
+        else:
+            assert side["attention"]["generator"] == name.rsplit("-", 1)[1]
     for run in report["runs"]:
-        assert set(run["sides"]) == {"runtime-fp32", "runtime-fp16", "transformers-fp32", "transformers-fp16"}
-        agree = run["agreement"]["runtime-fp32 vs transformers-fp32"]
-        assert agree["identical"] == agree["compared"] > 0
-        assert "runtime-fp16 vs transformers-fp16" in run["agreement"]
+        assert run["calls"] >= 2 and run["calls"] * run["batch"] >= 3 and not run["truncated"]
+        assert set(run["sides"]) == sides
+        for ref in ("transformers-cpu-fp32-eager", "transformers-cpu-fp32-sdpa"):
+            agree = run["agreement"][f"runtime-cpu-fp32 vs {ref}"]
+            assert agree["identical"] == agree["compared"] > 0
+        assert "runtime-cpu-fp16 vs transformers-cpu-fp16-sdpa" in run["agreement"]
         for name, side in run["sides"].items():
             assert side["decode_step_ms"] > 0 and side["p99_ms"] >= side["p50_ms"] > 0
+            assert side["step_floor_ms"] > 0
             if name.startswith("runtime"):
                 assert 0 < side["host_ms_per_step"] < side["decode_step_ms"]
-    assert "| runtime-fp16 |" in (tmp_path / "results" / "smoke.md").read_text()
+    assert "| runtime-cpu-fp16 |" in (tmp_path / "results" / "smoke.md").read_text()
 
 
 def test_floor_benchmark_reports_every_stage_above_its_floor(tmp_path, monkeypatch):

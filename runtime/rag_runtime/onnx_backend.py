@@ -12,62 +12,19 @@ decode sit in one buffer, to which joining questions append and from which leavi
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from . import constants as C
 from .artifact import DecoderDims, GraphFile
 from .decoding.search import log_softmax
-from .errors import ArtifactError, InvalidOptionError, require
+from .errors import ArtifactError
+from .sessions import _ort
 
 logger = logging.getLogger(__name__)
 
-DEVICES = ("cpu", "cuda")
 CACHE_CHUNK = 16  # the slot buffers' length grows (and shrinks) in steps of this many positions
-
-
-def _ort():
-    return require("onnxruntime", "cpu", "rag_runtime (or the 'gpu' extra, for CUDA)")
-
-
-def providers_for(device: str) -> list[str]:
-    if device not in DEVICES:
-        raise InvalidOptionError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    available = _ort().get_available_providers()
-    if "CUDAExecutionProvider" not in available:
-        raise InvalidOptionError(
-            "device='cuda' needs onnxruntime-gpu, but this onnxruntime has only "
-            f"{', '.join(available)}: pip uninstall onnxruntime && pip install 'rag-export[gpu]'"
-        )
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
-def create_session(path: Path, device: str, threads: int | None = None, spinning: bool = True,
-                   profile: str | None = None):
-    """An onnxruntime session on ``device``. ``spinning=False`` for sessions that run between the calls
-    of another: their idle pool threads would otherwise spin on the cores the next call needs. ``profile``:
-    a file prefix for onnxruntime's per-node profile of every call (off by default)."""
-    ort = _ort()
-    opts = ort.SessionOptions()
-    if profile is not None:
-        opts.enable_profiling, opts.profile_file_prefix = True, profile
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or os.cpu_count() or 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers_for(device))
-    except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-        if isinstance(e, InvalidOptionError):
-            raise
-        raise ArtifactError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from e
 
 
 class GraphIO:

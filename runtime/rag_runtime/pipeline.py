@@ -6,6 +6,7 @@ the pipeline loads them from the manifest and composes them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from .engine import DecodeEngine
 from .errors import ArtifactError, InvalidInputError, InvalidOptionError
 from .generation import AnswerGenerator, DecodeRequest
 from .knowledge import KnowledgeIndex
-from .onnx_backend import OnnxGenerator, create_session, providers_for
+from .onnx_backend import OnnxGenerator
 from .options import OPTIONS, GenerationOptions
 from .question_encoder import QuestionEncoder
 from .results import Document, RagOutput
 from .retrieval import Retriever
+from .sessions import create_session, providers_for
 from .timing import NullTimer, StageTimer, TimedSession
 from .tokenization import TextTokenizer
 
@@ -51,6 +53,7 @@ class RagPipeline:
     def load(cls, path: str | Path, device: str = "cpu", *, threads: int | None = None, verify: bool = True,
              nprobe: int | None = None, ef_search: int | None = None, fused_head: bool = True,
              sequence_scorer: bool = True, timer: StageTimer | None = None,
+             provider_options: Mapping[str, str | int | bool] | None = None,
              profile: str | Path | None = None) -> RagPipeline:
         """Load an export directory.
 
@@ -68,14 +71,20 @@ class RagPipeline:
                 before the scorer).
             timer: Accumulates wall time per stage and per graph (benchmarks, the service); None times
                 nothing.
+            provider_options: onnxruntime CUDA execution provider options over the runtime's defaults
+                (``rag_runtime.sessions.CUDA_DEFAULTS``: ``use_tf32=0``, so fp32 is as exact as PyTorch's
+                default), e.g. ``{"use_tf32": 1}``; device ``"cuda"`` only.
             profile: A directory for onnxruntime's per-node profile of every graph call (benchmarks);
                 :meth:`end_profiling` writes the traces.
 
         Raises:
             ArtifactError: Missing, corrupted or mismatched export.
-            InvalidOptionError: Unknown device, or ``"cuda"`` without a CUDA provider.
+            InvalidOptionError: Unknown device, ``"cuda"`` without a CUDA provider, or provider options
+                for the CPU.
+            MissingDependencyError: ``"cuda"`` asked for and onnxruntime did not grant it (names the
+                library that failed to load).
         """
-        providers_for(device)
+        providers_for(device, provider_options)
         root = Path(path)
         manifest = Manifest.load(root, verify=verify)
         if manifest.kind is None or manifest.rag is None or manifest.generation_defaults is None:
@@ -85,8 +94,8 @@ class RagPipeline:
 
         def session(name: str, **kwargs):
             prefix = str(Path(profile) / name) if profile is not None else None
-            s = sessions[name] = create_session(root / manifest.graph(name).file, device, threads, profile=prefix,
-                                                **kwargs)
+            s = sessions[name] = create_session(root / manifest.graph(name).file, device, threads,
+                                                provider_options=provider_options, profile=prefix, **kwargs)
             return TimedSession(s, clock, name) if clock.enabled else s
 
         def tokenizer(name: str) -> TextTokenizer:

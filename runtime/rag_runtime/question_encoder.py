@@ -9,7 +9,7 @@ import numpy as np
 
 from . import constants as C
 from .artifact import Manifest
-from .onnx_backend import create_session
+from .sessions import create_session
 from .tokenization import TextTokenizer
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from .. import constants as C
 from ..artifact import Manifest
 from ..errors import ArtifactError
 from ..files import sha256_file
-from ..onnx_backend import create_session
+from ..sessions import create_session
 from ..tokenization import TextTokenizer
 
 

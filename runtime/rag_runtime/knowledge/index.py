@@ -8,10 +8,26 @@ from pathlib import Path
 import numpy as np
 
 from .. import constants as C
-from ..errors import ArtifactError, InvalidOptionError
+from ..errors import ArtifactError, InvalidOptionError, require
 from .store import IndexMeta, PassageStore
 
 logger = logging.getLogger(__name__)
+
+EXACT_FACTORIES = ("Flat", "IndexFlatIP", "IndexFlatL2", "IndexFlat")
+
+
+def _faiss():
+    return require("faiss", "cpu", "a knowledge index (retrieval)")
+
+
+def gpu_float16(factory: str, rerank: int) -> bool:
+    """Whether a GPU copy of a ``factory`` index may hold fp16 (faiss' ``GpuClonerOptions.useFloat16``).
+
+    For Flat and IVF-Flat indexes the flag stores the vectors themselves in fp16, so distances (and the
+    order of near passages) would differ from the CPU's fp32 search; only PQ codes' lookup tables, already
+    an approximation, or an index whose candidates are re-ranked by exact inner products afterwards can
+    take fp16 without changing what is retrieved."""
+    return "PQ" in factory.upper() or rerank > 1
 
 
 class KnowledgeIndex:
@@ -33,8 +49,7 @@ class KnowledgeIndex:
 
     def __init__(self, root: str | Path, device: str = "cpu", *, nprobe: int | None = None,
                  ef_search: int | None = None, rerank: int | None = None):
-        import faiss
-
+        faiss = _faiss()
         self.root = Path(root)
         self.meta = IndexMeta.load(self.root)
         self.count, self.dim = self.meta.count, self.meta.dim
@@ -50,6 +65,11 @@ class KnowledgeIndex:
             raise ArtifactError(f"knowledge index in {self.root} is inconsistent: faiss holds "
                                 f"{sum(s.ntotal for s in shards)} vectors of dim {shards[0].d}, index.json says "
                                 f"{self.count} of dim {self.dim}")
+        self.embeddings = (np.load(self.root / C.INDEX_EMBEDDINGS_FILE, mmap_mode="r")
+                           if self.meta.embeddings else None)
+        self.passages = PassageStore(self.root)
+        exact = self.meta.factory in EXACT_FACTORIES
+        self.rerank = 1 if exact or self.embeddings is None else max(1, rerank if rerank is not None else 4)
         self.device = "cpu"
         if device == "cuda":
             shards = self._to_gpu(faiss, shards)
@@ -61,11 +81,6 @@ class KnowledgeIndex:
                 self.index.add_shard(s)
             self._shards = shards  # IndexShards does not own them
         self.set_search_params(nprobe=nprobe, ef_search=ef_search)
-        self.embeddings = (np.load(self.root / C.INDEX_EMBEDDINGS_FILE, mmap_mode="r")
-                           if self.meta.embeddings else None)
-        self.passages = PassageStore(self.root)
-        exact = self.meta.factory in ("Flat", "IndexFlatIP", "IndexFlatL2", "IndexFlat")
-        self.rerank = 1 if exact or self.embeddings is None else max(1, rerank if rerank is not None else 4)
         logger.info("knowledge index: %d passages, dim %d, %s in %d shard(s), faiss on %s", self.count,
                     self.dim, self.meta.factory, len(shards), self.device)
 
@@ -75,7 +90,7 @@ class KnowledgeIndex:
             logger.warning("faiss has no GPU support here (faiss-cpu build): searching on the CPU")
             return shards
         options = faiss.GpuClonerOptions()
-        options.useFloat16 = True  # fp16 lookup tables for PQ; exact scores come from the embeddings
+        options.useFloat16 = gpu_float16(self.meta.factory, self.rerank)
         self._gpu_resources = [faiss.StandardGpuResources() for _ in range(min(gpus, len(shards)))]
         try:
             moved = [faiss.index_cpu_to_gpu(self._gpu_resources[i % gpus], i % gpus, s, options)
@@ -85,12 +100,13 @@ class KnowledgeIndex:
                            "IVF-SQ and 8-bit IVF-PQ indexes run on GPUs", self.meta.factory, str(e).splitlines()[0])
             return shards
         self.device = "cuda"
+        logger.info("faiss: %d shard(s) on %d GPU(s), %s", len(moved), gpus,
+                    "fp16 (PQ lookup tables, or re-ranked by exact scores)" if options.useFloat16 else "fp32 vectors")
         return moved
 
     def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Set IVF ``nprobe`` / HNSW ``efSearch`` on every shard that has them."""
-        import faiss
-
+        faiss = _faiss()
         shards = getattr(self, "_shards", [self.index])
         for s in shards:
             if nprobe is not None:
