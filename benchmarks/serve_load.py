@@ -152,17 +152,36 @@ def run_mode(export: Path, mode: str, args, questions: list[str], params: list[d
     return report
 
 
+def direct_generate(export: Path, questions: list[str], params: list[dict], threads: int, count: int) -> dict:
+    """``RagPipeline.generate`` of one question at a time in this process, no server: what idle latency over
+    HTTP is compared with."""
+    from rag_runtime import RagPipeline
+
+    pipe = RagPipeline.load(export, threads=threads)
+    for i in range(2):
+        pipe.generate([questions[i]], **params[i % len(params)])
+    lat = []
+    for i in range(count):
+        t0 = time.perf_counter()
+        pipe.generate([questions[i % len(questions)]], **params[i % len(params)])
+        lat.append((time.perf_counter() - t0) * 1000)
+    return {"requests": count, "p50_ms": _pct(lat, 50), "p90_ms": _pct(lat, 90)}
+
+
 def markdown(report: dict) -> str:
     h = report["host"]
     lines = [f"# rag-serve load: {report['workload']} workload{' (mixed parameters)' if report['mixed'] else ''}",
              "", f"`{report['command']}`", "",
              f"{h['cpus']} CPUs ({h['machine']}, {h['vector_isa']}, {h['cpu']}; 1-minute load {h['load_avg_1m']:.2f} "
              f"at the start), server `--threads {report['threads']}`, parameters in turn "
-             f"`{json.dumps(report['params'])}`, {report['duration_s']} s per point.", ""]
+             f"`{json.dumps(report['params'])}`, {report['duration_s']} s per point. Direct `generate` in "
+             f"process (no server, same threads): p50 {report['direct']['p50_ms']:.1f} ms.", ""]
     for mode, r in report["modes"].items():
         engine = mode == "engine"
         extra = " rows/step | step ms | encode share |" if engine else ""
-        lines += [f"## {mode}: idle p50 {r['idle']['p50_ms']:.1f} ms, knee {r['knee_rps']} req/s", "",
+        idle = r["idle"]["p50_ms"]
+        lines += [f"## {mode}: idle p50 {idle:.1f} ms ({idle / report['direct']['p50_ms']:.2f}x direct), knee "
+                  f"{r['knee_rps']} req/s", "",
                   "| offered req/s | done req/s | p50 ms | p90 ms | p99 ms | queue p50 ms | questions together | 429 "
                   "| errors |" + extra, "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if engine else "")]
         for p in r["open_loop"]:
@@ -232,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
               "threads": args.threads, "duration_s": args.duration,
               "command": "python -m benchmarks.serve_load " + " ".join(argv if argv is not None else sys.argv[1:]),
               "host": host(), "modes": {}}
+    report["direct"] = direct_generate(export, questions, params, args.threads, args.idle_requests)
+    _log(f"direct generate (in process, threads {args.threads}): p50 {report['direct']['p50_ms']:.1f} ms")
     stem = args.out / f"serve-{args.workload}{'-mixed' if args.mixed else ''}"
     for mode in args.modes:  # results written after each mode: a long run interrupted keeps what it measured
         report["modes"][mode] = run_mode(export, mode, args, questions, params)

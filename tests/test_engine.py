@@ -100,3 +100,20 @@ def test_stage_timer_counts_the_engine_work(bundles, questions):
     assert timer.counts["decode/onnxruntime/generator_decoder"] == steps
     assert timer.counts["rescore/onnxruntime/generator_decoder"] >= 1 and v["rescore/positions"] > 0
     assert v["generator_encode/rows"] == 2 * 3
+
+
+def test_a_failed_step_fails_its_questions_and_the_engine_goes_on(bundles, questions):
+    pipe = bundles[("token", "bart")].pipeline
+    engine = pipe.engine(max_rows=100)
+    p = pipe.prepare(questions[:1], pipe.options(num_beams=2, max_length=8))[0]
+    ids, mask = p.request.contexts
+    broken = engine.add(p.request.decode, (np.full_like(ids, 10**6), mask))  # ids beyond the vocabulary
+    ended = engine.step()
+    assert ended == [broken] and broken.state == "failed" and broken.error is not None
+    assert not engine.busy
+    p = pipe.prepare(questions[:1], pipe.options(num_beams=2, max_length=8))[0]
+    ticket = engine.add(p.request.decode, p.request.contexts)
+    engine.run()
+    assert ticket.state == "done"
+    assert _answers(pipe.answer(p, ticket.result)) == _answers(pipe.generate(questions[:1], num_beams=2,
+                                                                               max_length=8)[0])

@@ -196,8 +196,10 @@ class DecodeEngine:
         rescored first); returns the tickets that ended during this step (done, cancelled or failed)."""
         ended: list[Ticket] = []
         self._drop_cancelled(ended)
+        joining: list[Ticket] = []
+        finished: list[Ticket] = []
         try:
-            self._admit()
+            self._admit(joining)
             if self._active:
                 self._decode_step()
             finished = [t for t in self._active if not t.decode.searching]
@@ -209,12 +211,11 @@ class DecodeEngine:
         except Exception as e:  # a failed call fails the questions in it, not the engine
             logger.error("decode step failed: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             logger.debug("decode step failure", exc_info=True)
-            for t in self._active:
-                self._end(t, "failed", ended, error=e)
-            for t in [t for t in ended if t.state == "done" and t.result is None]:
-                t.state, t.error = "failed", e
+            for t in dict.fromkeys([*self._active, *joining, *finished]):
+                if t not in ended:
+                    self._end(t, "failed", ended, error=e)
             self._active = []
-            self._batch = self.backend.new_batch(self.max_rows)
+            self._batch = self.backend.new_batch(self.max_rows)  # the old buffers' state is unknown
         return ended
 
     def run(self) -> None:
@@ -237,9 +238,10 @@ class DecodeEngine:
             self._remove(t)
             self._end(t, "cancelled", ended)
 
-    def _admit(self) -> None:
-        """Pending questions join, oldest first, while their rows fit (a big one is not overtaken)."""
-        rows, joining = self.active_rows, []
+    def _admit(self, joining: list[Ticket]) -> None:
+        """Pending questions join (into ``joining``, then the decode), oldest first, while their rows fit (a
+        big one is not overtaken)."""
+        rows = self.active_rows
         room = (self.max_questions or len(self._pending)) - len(self._active)
         while self._pending and rows + self._pending[0].decode.rows <= self.max_rows and len(joining) < room:
             t = self._pending.popleft()

@@ -225,6 +225,7 @@ class EngineScheduler:
         ended = engine.step()
         active = engine.active_questions
         self.metrics.active_questions.set(active)
+        self.metrics.inflight.set(active)
         self.metrics.joins.inc(engine.stats.joins - self._joins_seen)
         self._joins_seen = engine.stats.joins
         for job in self._jobs:
