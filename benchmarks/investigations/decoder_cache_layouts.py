@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -195,6 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args(argv)
+    from benchmarks.run import host
+
+    h = host()
+    print("# Self-attention cache layouts for rows of different lengths (one decode step)\n")
+    print("`python -m benchmarks.investigations.decoder_cache_layouts "
+          + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n")
+    print(f"{h['cpus']} CPUs, {h['vector_isa']} ({h['cpu']}), 1-minute load {h['load_avg_1m']:.2f} at the start; "
+          f"{args.layers} layers of 12 heads x 64, threads {args.threads}, best of 3 x {args.steps} steps.\n")
     print("| rows | longest row | " + " | ".join(f"{m} ms/step" for m in MODES) + " |")
     print("|---|---|" + "---|" * len(MODES))
     with tempfile.TemporaryDirectory() as tmp:

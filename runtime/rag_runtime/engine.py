@@ -84,6 +84,7 @@ class Ticket:
         error: Why it failed.
         queued_s: Seconds from ``add`` to joining the decode.
         decode_s: Seconds from joining to done.
+        joined_at: ``time.monotonic()`` when it joined the decode (0: never).
         steps: Decoder calls it took part in.
     """
 
@@ -98,7 +99,7 @@ class Ticket:
     decode_s: float = 0.0
     steps: int = 0
     _added: float = field(default_factory=time.monotonic)
-    _joined: float = 0.0
+    joined_at: float = 0.0
     _row: int = -1  # first decoder row in the last call (-1: not in it)
     _enc: int = -1  # first encoder row in the cross-attention buffer
     _parents: np.ndarray | None = None
@@ -263,7 +264,7 @@ class DecodeEngine:
                     at += n
         now = time.monotonic()
         for t, offset in zip(joining, offsets, strict=True):
-            t._enc, t.state, t._joined, t.queued_s = int(offset), "active", now, now - t._added
+            t._enc, t.state, t.joined_at, t.queued_s = int(offset), "active", now, now - t._added
             if t.decode.rescores and t.rescore_contexts is None:  # rescored against the rows it decodes from
                 t._rescore_state = self._batch.encoder_state(t._enc, t.decode.encoder_rows)
         self._active.extend(joining)
@@ -332,8 +333,8 @@ class DecodeEngine:
 
     def _end(self, t: Ticket, reason: str, ended: list[Ticket], error: BaseException | None = None) -> None:
         t.state, t.error = reason, error
-        if t._joined:
-            t.decode_s = time.monotonic() - t._joined
+        if t.joined_at:
+            t.decode_s = time.monotonic() - t.joined_at
         self.stats.leaves[reason] += 1
         ended.append(t)
 

@@ -244,8 +244,9 @@ class EngineScheduler:
 
     def _answer(self, job: EngineJob) -> None:
         tickets = job._tickets
-        job.queue_s = max(t.queued_s for t in tickets)
-        job.inference_s = max(t.decode_s for t in tickets)
+        joined = max((t.joined_at for t in tickets if t.joined_at), default=time.monotonic())
+        job.queue_s = joined - job.enqueued  # admission (not the worker picking it up) to the last join
+        job.inference_s = time.monotonic() - joined
         job.batch_size = sum(job._company) / len(job._company) if job._company else 0.0
         failed = next((t for t in tickets if t.state == "failed"), None)
         if job.cancelled:  # answered 504 already; counted as cancelled
