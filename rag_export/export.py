@@ -8,16 +8,14 @@ tokenizers, the knowledge index and the manifest.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from rag_runtime.errors import require
-from rag_runtime.files import check_output_dir, replace_dir
+from rag_runtime.files import check_output_dir, replace_dir, unique_sibling
 from rag_runtime.progress import step
 
 from .errors import ExportError
@@ -127,10 +125,7 @@ def staging_dir(target: Path) -> Iterator[Path]:
     """A fresh directory beside ``target`` that replaces it when the block succeeds and is removed when
     it fails (Ctrl-C included), so ``target`` is never half written."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
+    tmp, _ = unique_sibling(target, lambda p: p.mkdir())
     try:
         yield tmp
         replace_dir(tmp, target)

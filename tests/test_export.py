@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -107,6 +108,22 @@ def test_refuses_non_empty_output_unless_force(work_dir, tmp_path, capsys):
     assert export_main([str(ckpt), str(out), "--force", "--no-validate"]) == 0
     assert not (out / "keep.txt").exists() and (out / C.MANIFEST_FILE).exists()
     assert oct(out.stat().st_mode & 0o777) != oct(0o700)
+
+
+def test_every_written_file_follows_the_umask(work_dir, tmp_path):
+    """manifest.json and index.json go through a temporary file and a rename: like every other file of the
+    export they must follow the umask (a private 0600 file cannot be read by a service running as another
+    user)."""
+    ckpt = build_checkpoint(work_dir, "token", "bart")
+    old = os.umask(0o027)
+    try:
+        out = export(str(ckpt), tmp_path / "out", validate=False)
+    finally:
+        os.umask(old)
+    written = [out, *out.rglob("*")]
+    assert {C.MANIFEST_FILE, C.INDEX_META_FILE} <= {p.name for p in written}
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written}
+    assert modes == {name: oct(0o750 if (tmp_path / name).is_dir() else 0o640) for name in modes}
 
 
 def _error(argv: list[str], capsys) -> str:
