@@ -24,6 +24,7 @@ from .commands import run_command, setup_logging
 from .errors import ArtifactError, InvalidOptionError
 from .files import dir_size_text, replace_dir
 from .knowledge import BuildOptions, IndexMeta
+from .results import retrieval_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +157,7 @@ def _search(args) -> int:
     for question, ids, row in zip(args.question, doc_ids, scores, strict=True):
         docs = retriever.documents(ids, row)
         if args.json:
-            print(json.dumps({"question": question, "docs": [
-                {"id": d.id, "pid": d.pid, "score": d.score, "title": d.title, "text": d.text} for d in docs]},
-                ensure_ascii=False))
+            print(json.dumps(retrieval_to_dict(question, docs), ensure_ascii=False))
             continue
         print(f"Q: {question}")
         for rank, d in enumerate(docs, 1):

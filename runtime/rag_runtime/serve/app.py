@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
-from ..results import Document, RagOutput
+from ..results import RagOutput, retrieval_to_dict
 from .limits import ServeLimits
 from .service import PipelineSource, Service
 from .validation import ApiError, parse_generation, parse_questions, parse_timeout, read_json
@@ -144,7 +144,7 @@ async def _answer(service: Service, limits: ServeLimits, request: Request, stats
         stats.update(queue_s=job.queue_s, inference_s=job.inference_s, batch=job.batch_size)
     finally:
         service.active -= 1
-    to_json = _generated if operation == "generate" else _retrieved
+    to_json = _generated if operation == "generate" else retrieval_to_dict
     headers = {"x-queue-time": f"{job.queue_s * 1000:.1f}", "x-inference-time": f"{job.inference_s * 1000:.1f}",
                "x-batch-size": str(job.batch_size), "x-request-id": stats["id"]}
     return JSONResponse({"results": [to_json(q, r) for q, r in zip(questions, results, strict=True)]},
@@ -175,18 +175,8 @@ def _account(service: Service, endpoint: str, response: Response, stats: dict, e
     access_logger.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"access": fields})
 
 
-def _document(d: Document) -> dict:
-    return {"id": d.id, "title": d.title, "text": d.text, "score": d.score}
-
-
 def _generated(question: str, r: RagOutput) -> dict:
-    return {"question": question,
-            "answers": [{"text": a.text, "token_ids": a.token_ids, "score": a.score} for a in r.answers],
-            "docs": [_document(d) for d in r.docs]}
-
-
-def _retrieved(question: str, docs: list[Document]) -> dict:
-    return {"question": question, "docs": [_document(d) for d in docs]}
+    return {**r.to_dict(), "question": question}
 
 
 def _model_info(pipe) -> dict:
