@@ -40,8 +40,14 @@ def create_app(pipeline: PipelineSource, limits: ServeLimits | None = None, *, a
 
     Returns:
         The app; its ``Service`` is ``app.state.service``.
+
+    Raises:
+        IndexUnavailableError: ``pipeline`` is loaded and has no knowledge index (``rag-serve`` checks the
+            export before loading it).
     """
     limits = limits or ServeLimits()
+    if not callable(pipeline) and pipeline.index is None:
+        pipeline.retriever.require_index()  # the service answers by retrieval: refuse now, not at warm-up
     service = Service(pipeline, limits, on_fatal)
 
     @contextlib.asynccontextmanager
