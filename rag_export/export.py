@@ -99,7 +99,10 @@ def export(
                                      reduced=quantize or (precision if precision != "fp32" else None),
                                      optimize=optimize)
         manifest.save(tmp)
-    logger.info("wrote %s", output_dir)
+    from .summary import export_summary
+
+    for line in export_summary(output_dir, manifest, ckpt.model.config):
+        logger.info(line)
     return output_dir
 
 
@@ -116,7 +119,7 @@ def export_context_encoder(source: str, output_dir: str | Path, *, force: bool =
     with staging_dir(output_dir) as tmp:
         export_context_encoder_only(source, tmp, opset=opset, validate=validate,
                                     tol=Tolerance(atol, rtol, strict)).save(tmp)
-    logger.info("wrote %s", output_dir)
+    logger.info("wrote %s; next: rag-index build PASSAGES KB_DIR --context-encoder %s", output_dir, output_dir)
     return output_dir
 
 

@@ -17,6 +17,7 @@ from .errors import ExportError
 from .export import trace
 from .graphs.families import family_for
 from .graphs.registry import GRAPHS, ContextEncoderSource, ExportContext, GraphEntry
+from .hub import resolve
 from .judge import MEASURE_ONLY, Tolerance
 from .manifest import build_manifest, tokenizer_entry
 
@@ -104,9 +105,10 @@ def describe(figures: dict) -> str:
 def _load_context_encoder(source: str) -> ContextEncoderSource:
     from transformers import AutoTokenizer, DPRContextEncoder
 
+    location = resolve(source, "DPR context encoder").location
     try:
-        model = DPRContextEncoder.from_pretrained(source).eval()
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = DPRContextEncoder.from_pretrained(location).eval()
+        tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot load DPR context encoder {source}: {str(e).splitlines()[0]}") from e
     return ContextEncoderSource(source, model, tokenizer)
@@ -133,12 +135,12 @@ def _write_tokenizers(ctx: ExportContext) -> dict[str, TokenizerFile]:
 
 
 def _export_index(ckpt: Checkpoint, out: Path):
+    """The checkpoint's own knowledge base (``index_name="custom"``); a hub index (wiki_dpr) is not
+    exported: the export's closing lines (:mod:`rag_export.summary`) say how to build one."""
     cfg = ckpt.model.config
     if cfg.index_name != "custom":
-        logger.warning("knowledge index %r (%s) is not exported: it is the hub's multi-GB wiki_dpr index. Build or "
-                       "import one and attach it later: rag-index attach OUT INDEX_DIR", cfg.dataset, cfg.index_name)
         return None
     from .knowledge import export_custom_index
 
     with step(logger, "exporting knowledge index"):
-        return export_custom_index(cfg, ckpt.source, out / C.INDEX_DIR).manifest_entry(C.INDEX_DIR)
+        return export_custom_index(cfg, ckpt.directory, out / C.INDEX_DIR).manifest_entry(C.INDEX_DIR)
