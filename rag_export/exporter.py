@@ -20,17 +20,19 @@ from .graphs.registry import GRAPHS, ContextEncoderSource, ExportContext, GraphE
 from .hub import resolve
 from .judge import MEASURE_ONLY, Tolerance
 from .manifest import build_manifest, tokenizer_entry
+from .onnx_files import DEFAULT_EXTERNAL_DATA_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
 
 def export_checkpoint(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, tol: Tolerance,
                       context_encoder: str | None, include_index: bool, reduced: str | None,
-                      optimize: bool) -> Manifest:
+                      optimize: bool, external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD) -> Manifest:
     """Write every graph, tokenizer and the index of ``ckpt`` into ``out``; return its manifest."""
     family = family_for(ckpt.model.generator.config)
     ctx = ExportContext(out=out, checkpoint=ckpt, family=family, dims=family.dims(ckpt.model.generator.config),
-                        context_encoder=_load_context_encoder(context_encoder) if context_encoder else None)
+                        context_encoder=_load_context_encoder(context_encoder) if context_encoder else None,
+                        external_data_threshold=external_data_threshold)
     logger.info("generator family %s: %d decoder layers, %d heads, vocabulary %d", family.name, ctx.dims.layers,
                 ctx.dims.heads, ctx.dims.vocab)
     entries = [e for e in GRAPHS if e.applies(ctx)]
@@ -57,14 +59,15 @@ def _build_graphs(ctx: ExportContext, entries: list[GraphEntry], opset: int, val
     for entry in entries:
         with step(logger, f"exporting {entry.spec.name}"):
             module = modules[entry.spec.name] = entry.module(ctx).eval()
-            trace(module, ctx.spec(entry), entry.sample_inputs(ctx, module), ctx.out, opset)
+            trace(module, ctx.spec(entry), entry.sample_inputs(ctx, module), ctx.out, opset,
+                  ctx.external_data_threshold)
     if optimize:
         with step(logger, "optimizing graphs (onnxruntime transformer fusions)"):
             for entry in entries:
                 settings = entry.optimizer(ctx)
                 if settings:
-                    logger.info("  %s fused: %s", entry.spec.name, convert.optimize(ctx.path(entry.spec), *settings)
-                                or "nothing")
+                    fused = convert.optimize(ctx.path(entry.spec), *settings, threshold=ctx.external_data_threshold)
+                    logger.info("  %s fused: %s", entry.spec.name, fused or "nothing")
     validation: dict = {}
     if validate:
         with step(logger, "validating graphs against PyTorch"):
@@ -74,7 +77,7 @@ def _build_graphs(ctx: ExportContext, entries: list[GraphEntry], opset: int, val
         with step(logger, message):
             for entry in entries:
                 if not entry.keep_fp32:
-                    conversion(ctx.path(entry.spec))
+                    conversion(ctx.path(entry.spec), ctx.external_data_threshold)
             reduced_entries = [e for e in entries if not e.keep_fp32]
             validation[f"{reduced}_drift"] = _validate(ctx, reduced_entries, modules, MEASURE_ONLY)
     return validation

@@ -301,3 +301,46 @@ def test_trace_refuses_a_module_that_ignores_an_input(tmp_path):
     spec = GraphSpec(name="probe", file="probe.onnx", inputs={"a": ["n"], "b": ["n"], "c": ["n"]}, outputs={"y": ["n"]})
     with pytest.raises(ExportError, match=r"probe graph does not have the IO its spec declares .*: its module ignores"):
         trace(IgnoresFirst(), spec, (torch.ones(2), torch.ones(2), torch.ones(2)), tmp_path, 17)
+
+
+def test_graphs_with_external_data_export_optimize_convert_validate_and_load(bundles, work_dir, tmp_path, questions):
+    """A graph beyond protobuf's 2 GiB keeps its weights in NAME.onnx.data: forced here with a 64 KiB
+    threshold. Traced, fused, validated, converted to fp16 and int8, hashed and loaded like any other."""
+    from rag_runtime import RagPipeline
+    from support import reference_tokens, special_ids
+
+    ckpt = build_checkpoint(work_dir, "token", "bart")
+    threshold = 1 << 16
+    out = export(str(ckpt), tmp_path / "fp32", external_data_threshold=threshold, include_index=True)
+    manifest = json.loads((out / C.MANIFEST_FILE).read_text())
+    for graph in ("question_encoder", "generator_encoder", "generator_decoder"):
+        file = manifest["graphs"][graph]["file"]
+        weights = onnx.load(str(out / file), load_external_data=False).graph.initializer
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in weights), graph
+        assert (out / file).stat().st_size < (out / f"{file}.data").stat().st_size, graph
+        assert manifest["files"][f"{file}.data"] == sha256_file(out / f"{file}.data")
+    assert not (out / "rag_token_head.onnx.data").exists()  # no weights: nothing to move out
+    assert not list(out.glob(".*.tmp")), "scratch directories must not be left behind"
+    qs, params = questions[:3], dict(num_beams=3, max_length=12)
+    ref = bundles[("token", "bart")].reference.generate(qs, **params)
+    pipe = RagPipeline.load(out)
+    eos, pad = special_ids(pipe)
+    for g, r in zip(pipe.generate(qs, **params), ref, strict=True):
+        assert [a.token_ids for a in g.answers] == [reference_tokens(row, eos, pad) for row in r.sequences]
+
+    for name, options in (("optimized", dict(optimize=True)), ("fp16", dict(precision="fp16")),
+                          ("int8", dict(quantize="int8"))):
+        reduced = export(str(ckpt), tmp_path / name, external_data_threshold=threshold, include_index=False,
+                         **options)
+        assert (reduced / "generator_decoder.onnx.data").is_file(), name
+        figures = json.loads((reduced / C.MANIFEST_FILE).read_text())["validation"]
+        assert "generator_decoder" in figures and (name == "optimized" or f"{name}_drift" in figures)
+        ids = np.array([[0, 100, 200, 2], [0, 300, 2, 1]], dtype=np.int64)
+        rows = RagPipeline.load(reduced).generate_from_context(ids, (ids != 1).astype(np.int64),
+                                                               np.array([[1.0, 0.5]], np.float32), max_length=6)
+        assert rows.shape[0] == 1, name
+
+    data = out / "generator_decoder.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ArtifactError, match=r"generator_decoder.onnx.data does not match its sha256"):
+        RagPipeline.load(out)
