@@ -10,6 +10,7 @@ place, data first, so a reader never finds a graph without the data it names.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -29,10 +30,20 @@ def data_path(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
+def _tensor_bytes(tensor) -> int:
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    import onnx
+
+    return math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
 def weights_bytes(model) -> int:
-    """Serialized size of the graph's initializers and constant nodes (what external data would hold)."""
+    """Bytes of the graph's initializers and constant-node tensors (what external data would hold), counted
+    without serializing anything: a tensor over 2 GiB cannot be."""
     graph = model.graph
-    return sum(t.ByteSize() for t in graph.initializer) + sum(n.ByteSize() for n in graph.node)
+    constants = (a.t for node in graph.node for a in node.attribute if a.HasField("t"))
+    return sum(_tensor_bytes(t) for t in graph.initializer) + sum(_tensor_bytes(t) for t in constants)
 
 
 @contextmanager

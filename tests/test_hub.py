@@ -279,12 +279,19 @@ def test_hub_warnings_are_printed_once(capsys):
     from rag_export.hub import adopt_library_logging
     from rag_runtime.commands import setup_logging
 
-    setup_logging("rag-export")
-    adopt_library_logging()
-    logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
-    logging.getLogger("transformers.modeling_utils").error("a transformers error")
-    assert capsys.readouterr().err.splitlines() == ["rag-export: Retrying in 1s [Retry 1/5].",
-                                                    "rag-export: a transformers error"]
+    libraries = [logging.getLogger(name) for name in ("huggingface_hub", "transformers")]
+    saved = [(lib, list(lib.handlers), lib.propagate) for lib in libraries]
+    try:
+        setup_logging("rag-export")
+        adopt_library_logging()
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        logging.getLogger("transformers.modeling_utils").error("a transformers error")
+        assert capsys.readouterr().err.splitlines() == ["rag-export: Retrying in 1s [Retry 1/5].",
+                                                        "rag-export: a transformers error"]
+    finally:
+        for lib, handlers, propagate in saved:
+            lib.handlers[:] = handlers
+            lib.propagate = propagate
 
 
 def test_the_last_lines_follow_the_checkpoint(bundles):
