@@ -152,9 +152,11 @@ def adopt_library_logging() -> None:
     root logger's handler (the command's), so every hub warning was printed twice. Commands call this
     after :func:`rag_runtime.commands.setup_logging`; library users keep their own logging setup.
     """
-    from huggingface_hub.utils import logging as hub_logging
-    from transformers.utils import logging as transformers_logging
-
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # the exporter's extra is not installed: the command says so itself
+        return
     transformers_logging.disable_default_handler()
     transformers_logging.enable_propagation()
     hub = hub_logging.get_logger()
