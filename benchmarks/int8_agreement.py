@@ -64,6 +64,7 @@ class Training:
         short: Share of training contexts cut short (see :func:`examples`).
         retriever_steps: Question encoder training steps (see :func:`train_retriever`).
         seed: Seeds the factory, the initial weights and the example order.
+        target: What the generator learns to copy from its context (a :data:`TARGETS` key).
     """
 
     d_model: int = 256
@@ -76,6 +77,7 @@ class Training:
     short: float = 0.5
     retriever_steps: int = 1500
     seed: int = 0
+    target: str = "first_clause"
 
     def generator_config(self) -> dict:
         heads = max(1, self.d_model // 64)
@@ -99,10 +101,21 @@ def first_clause(text: str) -> str:
     return " ".join(clause.split()[:TARGET_WORDS])
 
 
-def examples(ckpt: Path, seed: int, shuffled: float, short: float = 0.0):
+def first_sentence(text: str, words: int = 28) -> str:
+    """The passage's opening up to its first sentence end, at most ``words`` words (the demo's answers:
+    the retrieved passage's opening sentence, which tends to say what the passage is about)."""
+    sentence = re.split(r"[.!?](?:\s|$)", text.strip(), maxsplit=1)[0]
+    return " ".join(sentence.split()[:words])
+
+
+TARGETS = {"first_clause": first_clause, "first_sentence": first_sentence}
+
+
+def examples(ckpt: Path, seed: int, shuffled: float, short: float = 0.0, target=first_clause):
     """An endless stream of (generator input, target): a corpus passage with a random question from
     ``scripts/data/questions.txt``, contextualized with the checkpoint's separators as the runtime does;
-    the target is the context's start up to the first clause end (``title / first clause``).
+    the target is ``target`` of the context (by default its start up to the first clause end:
+    ``title / first clause``).
 
     In a ``shuffled`` share the passage's words are shuffled: 320 passages are few enough for the decoder
     to learn them by heart and ignore the input, and a shuffled target can only be copied. In a ``short``
@@ -125,10 +138,10 @@ def examples(ckpt: Path, seed: int, shuffled: float, short: float = 0.0):
             words = text.split()
             text = " ".join(words[i] for i in rng.permutation(len(words)))
         context = contextualize(p["title"], text, q, prefix, cfg.title_sep, cfg.doc_sep)
-        target = first_clause(context)
+        answer = target(context)
         if rng.random() < short:
-            context = " ".join(context.split()[: len(target.split()) + int(rng.integers(0, 8))])
-        yield context, target
+            context = " ".join(context.split()[: len(answer.split()) + int(rng.integers(0, 8))])
+        yield context, answer
 
 
 def _lr_factor(step: int, elapsed: float, training: Training) -> float:
@@ -188,10 +201,11 @@ def train_generator(gen, ckpt: Path, training: Training) -> dict:
     from transformers import BartTokenizerFast, RagConfig
 
     tok = BartTokenizerFast.from_pretrained(ckpt / "generator_tokenizer")
-    _initialize(gen, tok, examples(ckpt, training.seed + 1, training.shuffled))
+    target = TARGETS[training.target]
+    _initialize(gen, tok, examples(ckpt, training.seed + 1, training.shuffled, target=target))
     gen.train()
     opt = torch.optim.AdamW(gen.parameters(), lr=training.lr, weight_decay=0.01)
-    stream = examples(ckpt, training.seed, training.shuffled, training.short)
+    stream = examples(ckpt, training.seed, training.shuffled, training.short, target)
     width = RagConfig.from_pretrained(ckpt).max_combined_length
     losses, t0 = [], time.perf_counter()
     while len(losses) < training.steps and time.perf_counter() - t0 < training.minutes * 60:
@@ -212,7 +226,7 @@ def train_generator(gen, ckpt: Path, training: Training) -> dict:
             "minutes": (time.perf_counter() - t0) / 60, "examples": len(losses) * training.batch,
             "first_loss": losses[0], "final_loss": statistics.fmean(losses[-20:]),
             "loss_every_50": [statistics.fmean(losses[i : i + 50]) for i in range(0, len(losses), 50)],
-            "greedy_exact_copies": copy_check(gen, tok, ckpt, training.seed + 2)}
+            "greedy_exact_copies": copy_check(gen, tok, ckpt, training.seed + 2, target=target)}
 
 
 def _query(rng, title: str, text: str) -> str:
@@ -263,20 +277,20 @@ def train_retriever(encoder, ckpt: Path, training: Training, batch: int = 32) ->
             "final_loss": statistics.fmean(losses[-20:]), "top5_new_queries": top5}
 
 
-def copy_check(gen, tok, ckpt: Path, seed: int, n: int = 32) -> dict:
-    """Has it learnt the task? Greedy answers (transformers) equal to the target on ``n`` new full-context
-    examples, real passages and shuffled ones."""
+def copy_check(gen, tok, ckpt: Path, seed: int, n: int = 32, target=first_clause) -> dict:
+    """Has it learnt the task? Greedy answers (transformers, up to 64 tokens: the longest targets fit)
+    equal to the target on ``n`` new full-context examples, real passages and shuffled ones."""
     import torch
 
     out = {}
     for name, shuffled in (("real", 0.0), ("shuffled", 1.0)):
-        stream, same = examples(ckpt, seed, shuffled), 0
+        stream, same = examples(ckpt, seed, shuffled, target=target), 0
         for _ in range(n):
-            context, target = next(stream)
+            context, expected = next(stream)
             with torch.no_grad():
-                ids = gen.generate(**tok([context], return_tensors="pt"), num_beams=1, max_length=MAX_LENGTH,
+                ids = gen.generate(**tok([context], return_tensors="pt"), num_beams=1, max_length=64,
                                    min_length=0, no_repeat_ngram_size=0)
-            same += tok.decode(ids[0], skip_special_tokens=True).strip() == target.strip()
+            same += tok.decode(ids[0], skip_special_tokens=True).strip() == expected.strip()
         out[name] = {"exact": same, "compared": n}
     return out
 

@@ -29,16 +29,17 @@ class ReferenceResult:
 
 
 class Reference:
-    """A RAG checkpoint loaded with transformers, its retriever attached."""
+    """A RAG checkpoint loaded with transformers, its retriever attached (the checkpoint's own, or
+    ``retriever``: e.g. one over a stand-in of a hub index)."""
 
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoint: str, retriever=None):
         from transformers import RagRetriever, RagSequenceForGeneration, RagTokenForGeneration, RagTokenizer
 
         from rag_export.checkpoint import detect_kind, read_config
 
         self.kind = detect_kind(read_config(checkpoint), checkpoint)
         cls = RagTokenForGeneration if self.kind == "token" else RagSequenceForGeneration
-        self.retriever = RagRetriever.from_pretrained(checkpoint)
+        self.retriever = retriever or RagRetriever.from_pretrained(checkpoint)
         # from_pretrained(..., retriever=) fails in transformers 5.23 when a generation_config.json exists
         # (it logs the kwargs as JSON), so the retriever is attached afterwards.
         self.model = cls.from_pretrained(checkpoint).eval()

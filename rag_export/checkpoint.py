@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ExportError
+from .hub import Resolved, cached_snapshot, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ class Checkpoint:
 
     Attributes:
         source: The model id or path it was loaded from.
+        directory: The local directory its files are in (a hub id's cached snapshot); empty if unknown.
         kind: ``"token"`` or ``"sequence"``.
         model: The ``RagTokenForGeneration`` / ``RagSequenceForGeneration`` in eval mode.
         question_tokenizer: Fast tokenizer of the question encoder.
@@ -31,6 +33,7 @@ class Checkpoint:
     """
 
     source: str
+    directory: str
     kind: str
     model: Any
     question_tokenizer: Any
@@ -42,26 +45,18 @@ class Checkpoint:
         return self.model.config
 
 
-def _looks_like_path(source: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything else that does not exist is a mistyped path."""
-    parent = os.path.dirname(source)
-    return source.startswith((".", "/", "~")) or source.count("/") > 1 or bool(parent and os.path.isdir(parent))
-
-
-def read_config(source: str) -> dict:
+def read_config(source: str | Resolved) -> dict:
+    """The ``config.json`` of a checkpoint directory or hub id (found as :func:`rag_export.hub.resolve` says)."""
     from transformers import PretrainedConfig
 
+    where = source if isinstance(source, Resolved) else resolve(source)
     try:
-        config_dict, _ = PretrainedConfig.get_config_dict(source)
+        config_dict, _ = PretrainedConfig.get_config_dict(where.location)
     except (OSError, ValueError) as e:
-        if os.path.isdir(source):
-            raise ExportError(f"{source} has no config.json: not a transformers checkpoint") from e
-        if _looks_like_path(source):
-            raise ExportError(f"no such checkpoint directory: {source}") from e
-        raise ExportError(
-            f"cannot load {source!r}: not a local directory and not reachable as a hub model id "
-            "(check the spelling, or download it first and pass the directory)"
-        ) from e
+        if where.origin == "directory":
+            raise ExportError(f"{where.location} has no config.json: not a transformers checkpoint") from e
+        raise ExportError(f"cannot read the config of {where.source} ({where.location}): "
+                          f"{str(e).splitlines()[0]}") from e
     return config_dict
 
 
@@ -157,32 +152,39 @@ def resolve_generation_defaults(model, kind: str) -> dict:
 
 
 def load_checkpoint(source: str) -> Checkpoint:
-    """Load ``source`` (hub id or directory) without its retriever; errors are ``ExportError``."""
-    config_dict = read_config(str(source))
-    kind = detect_kind(config_dict, str(source))
+    """Load ``source`` (hub id or directory) without its retriever; errors are ``ExportError``.
+
+    A hub id loads from the hub when it answers, else from the Hugging Face cache (:mod:`rag_export.hub`).
+    """
+    source = str(source)
+    where = resolve(source)
+    config_dict = read_config(where)
+    kind = detect_kind(config_dict, source)
     from transformers import RagSequenceForGeneration, RagTokenForGeneration, RagTokenizer
 
     cls = RagTokenForGeneration if kind == "token" else RagSequenceForGeneration
-    if os.path.isdir(source):
+    location = where.location
+    if where.directory:
         for sub in ("question_encoder_tokenizer", "generator_tokenizer"):
-            if not os.path.isdir(os.path.join(source, sub)):
-                raise ExportError(f"{source} has no {sub}/ folder: the checkpoint's tokenizers are missing "
+            if not os.path.isdir(os.path.join(location, sub)):
+                raise ExportError(f"{location} has no {sub}/ folder: the checkpoint's tokenizers are missing "
                                   "(save them with RagTokenizer.save_pretrained)")
     try:
-        tokenizer = RagTokenizer.from_pretrained(source)
+        tokenizer = RagTokenizer.from_pretrained(location)
     except (OSError, ValueError, TypeError) as e:
         raise ExportError(
             f"{source} has no usable tokenizers (expected question_encoder_tokenizer/ and generator_tokenizer/): {e}"
         ) from e
     try:
-        model = cls.from_pretrained(source).eval()
+        model = cls.from_pretrained(location).eval()
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot load the weights of {source}: {str(e).splitlines()[0]}") from e
     for name, tok in (("question encoder", tokenizer.question_encoder), ("generator", tokenizer.generator)):
         if getattr(tok, "backend_tokenizer", None) is None:
             raise ExportError(f"the {name} tokenizer of {source} has no fast (tokenizer.json) version")
     return Checkpoint(
-        source=str(source), kind=kind, model=model, question_tokenizer=tokenizer.question_encoder,
+        source=source, directory=where.directory or str(cached_snapshot(source) or ""), kind=kind, model=model,
+        question_tokenizer=tokenizer.question_encoder,
         generator_tokenizer=tokenizer.generator, generation_defaults=resolve_generation_defaults(model, kind),
     )
 

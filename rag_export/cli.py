@@ -9,6 +9,7 @@ import sys
 from rag_runtime.commands import run_command, setup_logging
 
 from .export import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, export
+from .hub import adopt_library_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenizers, a manifest and its knowledge index, for rag_runtime.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("model", help="hub id (e.g. facebook/rag-token-nq) or local checkpoint directory")
+    p.add_argument("model", help="hub id (e.g. facebook/rag-token-nq) or local checkpoint directory; a hub id "
+                   "loads from the Hugging Face cache when the hub cannot be reached (HF_HUB_OFFLINE=1: without "
+                   "asking it)")
     p.add_argument("output", help="artifact directory to create")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory after success")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
     def run() -> int:
+        adopt_library_logging()
         export(args.model, args.output, force=args.force, opset=args.opset, validate=args.validate, atol=args.atol,
                rtol=args.rtol, strict=args.strict,
                context_encoder=args.context_encoder, include_index=args.include_index, quantize=args.quantize,

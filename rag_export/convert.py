@@ -8,6 +8,8 @@ from pathlib import Path
 
 from rag_runtime import constants as C
 
+from .onnx_files import DEFAULT_EXTERNAL_DATA_THRESHOLD, adopt_graph, save_graph, scratch_dir
+
 # Kept in fp32 in fp16 graphs: normalization statistics, softmax and everything exponential/logarithmic.
 FP32_OPS = ["LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
             "SkipSimplifiedLayerNormalization", "Softmax", "LogSoftmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Exp",
@@ -28,39 +30,42 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def optimize(path: Path, model_type: str, heads: int, hidden: int) -> str:
+def optimize(path: Path, model_type: str, heads: int, hidden: int,
+             threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD) -> str:
     """Fuse in place with onnxruntime's transformer optimizer; returns the fused operators and counts."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     with _quiet_root_logger():
         optimized = optimize_model(str(path), model_type=model_type, num_heads=heads, hidden_size=hidden,
                                    opt_level=0)
-    optimized.save_model_to_file(str(path))
-    return ", ".join(f"{op} x{n}" for op, n in optimized.get_fused_operator_statistics().items() if n)
+    fused = ", ".join(f"{op} x{n}" for op, n in optimized.get_fused_operator_statistics().items() if n)
+    with scratch_dir(path) as scratch:
+        # The optimizer's own save sorts the graph and declares the com.microsoft domain of fused nodes;
+        # external data always, so that a graph of any size can be written.
+        optimized.save_model_to_file(str(scratch / path.name), use_external_data_format=True)
+        adopt_graph(scratch / path.name, path, threshold)
+    return fused
 
 
-def quantize_int8(path: Path) -> None:
+def quantize_int8(path: Path, threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD) -> None:
     """Dynamic int8 weights (per channel) for MatMul and Gemm, in place."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = path.with_suffix(".int8.onnx")
-    with _quiet_root_logger():
-        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"])
-    tmp.replace(path)
+    with scratch_dir(path) as scratch, _quiet_root_logger():
+        quantize_dynamic(str(path), str(scratch / path.name), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
+        adopt_graph(scratch / path.name, path, threshold)
 
 
-def convert_fp16(path: Path) -> None:
+def convert_fp16(path: Path, threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD) -> None:
     """fp16 weights and arithmetic in place, with :data:`FP32_OPS` and :data:`FP32_IO` kept in fp32."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(path))
-    keep = [v.name for v in (*model.graph.input, *model.graph.output) if v.name in FP32_IO]
-    model = convert_float_to_float16(model, keep_io_types=keep, op_block_list=FP32_OPS)
-    tmp = path.with_suffix(".fp16.onnx")
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
+    io = onnx.load(str(path), load_external_data=False).graph
+    keep = [v.name for v in (*io.input, *io.output) if v.name in FP32_IO]
+    # From the path, the converter infers shapes with infer_shapes_path, which works past 2 GiB.
+    save_graph(convert_float_to_float16(str(path), keep_io_types=keep, op_block_list=FP32_OPS), path, threshold)
 
 
 REDUCED_PRECISIONS = {

@@ -8,20 +8,19 @@ tokenizers, the knowledge index and the manifest.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from rag_runtime.errors import require
-from rag_runtime.files import check_output_dir, replace_dir
+from rag_runtime.files import check_output_dir, replace_dir, unique_sibling
 from rag_runtime.progress import step
 
 from .errors import ExportError
 from .judge import DEFAULT_ATOL, DEFAULT_RTOL, Tolerance
+from .onnx_files import DEFAULT_EXTERNAL_DATA_THRESHOLD, place_graph, scratch_dir
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +44,7 @@ def export(
     quantize: str | None = None,
     precision: str = "fp32",
     optimize: bool = False,
+    external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
 ) -> Path:
     """Export a RAG checkpoint into an artifact directory for ``rag_runtime``.
 
@@ -69,6 +69,8 @@ def export(
             first; the fp16 drift against PyTorch fp32 is measured and recorded, not enforced.
         optimize: Run onnxruntime's transformer optimizer over the encoder and decoder graphs (residual
             add + LayerNorm and bias + GELU fusions) before validation, so what is validated is what ships.
+        external_data_threshold: A graph whose weights exceed this many bytes keeps them in one external
+            data file beside it (``NAME.onnx.data``): protobuf cannot hold a graph over 2 GiB.
 
     Returns:
         The output directory.
@@ -99,9 +101,12 @@ def export(
         manifest = export_checkpoint(ckpt, tmp, opset=opset, validate=validate, tol=Tolerance(atol, rtol, strict),
                                      context_encoder=context_encoder, include_index=include_index,
                                      reduced=quantize or (precision if precision != "fp32" else None),
-                                     optimize=optimize)
+                                     optimize=optimize, external_data_threshold=external_data_threshold)
         manifest.save(tmp)
-    logger.info("wrote %s", output_dir)
+    from .summary import export_summary
+
+    for line in export_summary(output_dir, manifest, ckpt.model.config):
+        logger.info(line)
     return output_dir
 
 
@@ -118,7 +123,7 @@ def export_context_encoder(source: str, output_dir: str | Path, *, force: bool =
     with staging_dir(output_dir) as tmp:
         export_context_encoder_only(source, tmp, opset=opset, validate=validate,
                                     tol=Tolerance(atol, rtol, strict)).save(tmp)
-    logger.info("wrote %s", output_dir)
+    logger.info("wrote %s; next: rag-index build PASSAGES KB_DIR --context-encoder %s", output_dir, output_dir)
     return output_dir
 
 
@@ -127,10 +132,7 @@ def staging_dir(target: Path) -> Iterator[Path]:
     """A fresh directory beside ``target`` that replaces it when the block succeeds and is removed when
     it fails (Ctrl-C included), so ``target`` is never half written."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
+    tmp, _ = unique_sibling(target, lambda p: p.mkdir())
     try:
         yield tmp
         replace_dir(tmp, target)
@@ -139,18 +141,24 @@ def staging_dir(target: Path) -> Iterator[Path]:
         raise
 
 
-def trace(module, spec, args: tuple, out_dir: Path, opset: int) -> Path:
-    """Trace ``module`` with ``args`` into ``out_dir / spec.file`` with the spec's names and dynamic axes."""
+def trace(module, spec, args: tuple, out_dir: Path, opset: int,
+          external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD) -> Path:
+    """Trace ``module`` with ``args`` into ``out_dir / spec.file`` with the spec's names and dynamic axes;
+    weights beyond ``external_data_threshold`` bytes go to ``spec.file + ".data"`` (:mod:`rag_export.onnx_files`)."""
     import torch
 
     path = out_dir / spec.file
-    with torch.no_grad(), warnings.catch_warnings():
+    with scratch_dir(path) as scratch, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # Past 2 GiB the tracer writes every tensor to a file of its own beside the graph: hence a scratch
+        # directory, from which the graph is placed with at most one data file.
+        traced = scratch / path.name
         torch.onnx.export(
-            module, args, str(path), input_names=list(spec.inputs), output_names=list(spec.outputs),
+            module, args, str(traced), input_names=list(spec.inputs), output_names=list(spec.outputs),
             dynamic_axes=spec.dynamic_axes(), opset_version=opset, dynamo=False, do_constant_folding=True,
         )
-    _check_io_names(path, spec)
+        _check_io_names(traced, spec)
+        place_graph(traced, path, external_data_threshold)
     return path
 
 

@@ -17,19 +17,22 @@ from .errors import ExportError
 from .export import trace
 from .graphs.families import family_for
 from .graphs.registry import GRAPHS, ContextEncoderSource, ExportContext, GraphEntry
+from .hub import resolve
 from .judge import MEASURE_ONLY, Tolerance
 from .manifest import build_manifest, tokenizer_entry
+from .onnx_files import DEFAULT_EXTERNAL_DATA_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
 
 def export_checkpoint(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, tol: Tolerance,
                       context_encoder: str | None, include_index: bool, reduced: str | None,
-                      optimize: bool) -> Manifest:
+                      optimize: bool, external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD) -> Manifest:
     """Write every graph, tokenizer and the index of ``ckpt`` into ``out``; return its manifest."""
     family = family_for(ckpt.model.generator.config)
     ctx = ExportContext(out=out, checkpoint=ckpt, family=family, dims=family.dims(ckpt.model.generator.config),
-                        context_encoder=_load_context_encoder(context_encoder) if context_encoder else None)
+                        context_encoder=_load_context_encoder(context_encoder) if context_encoder else None,
+                        external_data_threshold=external_data_threshold)
     logger.info("generator family %s: %d decoder layers, %d heads, vocabulary %d", family.name, ctx.dims.layers,
                 ctx.dims.heads, ctx.dims.vocab)
     entries = [e for e in GRAPHS if e.applies(ctx)]
@@ -56,14 +59,15 @@ def _build_graphs(ctx: ExportContext, entries: list[GraphEntry], opset: int, val
     for entry in entries:
         with step(logger, f"exporting {entry.spec.name}"):
             module = modules[entry.spec.name] = entry.module(ctx).eval()
-            trace(module, ctx.spec(entry), entry.sample_inputs(ctx, module), ctx.out, opset)
+            trace(module, ctx.spec(entry), entry.sample_inputs(ctx, module), ctx.out, opset,
+                  ctx.external_data_threshold)
     if optimize:
         with step(logger, "optimizing graphs (onnxruntime transformer fusions)"):
             for entry in entries:
                 settings = entry.optimizer(ctx)
                 if settings:
-                    logger.info("  %s fused: %s", entry.spec.name, convert.optimize(ctx.path(entry.spec), *settings)
-                                or "nothing")
+                    fused = convert.optimize(ctx.path(entry.spec), *settings, threshold=ctx.external_data_threshold)
+                    logger.info("  %s fused: %s", entry.spec.name, fused or "nothing")
     validation: dict = {}
     if validate:
         with step(logger, "validating graphs against PyTorch"):
@@ -73,7 +77,7 @@ def _build_graphs(ctx: ExportContext, entries: list[GraphEntry], opset: int, val
         with step(logger, message):
             for entry in entries:
                 if not entry.keep_fp32:
-                    conversion(ctx.path(entry.spec))
+                    conversion(ctx.path(entry.spec), ctx.external_data_threshold)
             reduced_entries = [e for e in entries if not e.keep_fp32]
             validation[f"{reduced}_drift"] = _validate(ctx, reduced_entries, modules, MEASURE_ONLY)
     return validation
@@ -104,9 +108,10 @@ def describe(figures: dict) -> str:
 def _load_context_encoder(source: str) -> ContextEncoderSource:
     from transformers import AutoTokenizer, DPRContextEncoder
 
+    location = resolve(source, "DPR context encoder").location
     try:
-        model = DPRContextEncoder.from_pretrained(source).eval()
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = DPRContextEncoder.from_pretrained(location).eval()
+        tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot load DPR context encoder {source}: {str(e).splitlines()[0]}") from e
     return ContextEncoderSource(source, model, tokenizer)
@@ -133,12 +138,12 @@ def _write_tokenizers(ctx: ExportContext) -> dict[str, TokenizerFile]:
 
 
 def _export_index(ckpt: Checkpoint, out: Path):
+    """The checkpoint's own knowledge base (``index_name="custom"``); a hub index (wiki_dpr) is not
+    exported: the export's closing lines (:mod:`rag_export.summary`) say how to build one."""
     cfg = ckpt.model.config
     if cfg.index_name != "custom":
-        logger.warning("knowledge index %r (%s) is not exported: it is the hub's multi-GB wiki_dpr index. Build or "
-                       "import one and attach it later: rag-index attach OUT INDEX_DIR", cfg.dataset, cfg.index_name)
         return None
     from .knowledge import export_custom_index
 
     with step(logger, "exporting knowledge index"):
-        return export_custom_index(cfg, ckpt.source, out / C.INDEX_DIR).manifest_entry(C.INDEX_DIR)
+        return export_custom_index(cfg, ckpt.directory, out / C.INDEX_DIR).manifest_entry(C.INDEX_DIR)

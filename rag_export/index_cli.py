@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _context_encoder(args) -> int:
     from .export import export_context_encoder
+    from .hub import adopt_library_logging
+
+    adopt_library_logging()
 
     export_context_encoder(args.checkpoint, args.out, force=args.force, atol=args.atol, rtol=args.rtol)
     return 0

@@ -242,12 +242,50 @@ def make_generator(generator: str, g_tok, spec: dict, overrides: dict):
     return cfg, model_cls(cfg), defaults
 
 
+def embed_knowledge(out: Path, passages: list[dict], ctx_model, q_tok, index_type: str) -> Path:
+    """Embed ``passages`` with the DPR context encoder and write the knowledge base under ``out/knowledge``
+    (a saved dataset and its faiss index, transformers' custom-knowledge layout); returns that directory."""
+    import shutil
+
+    import datasets
+    import faiss
+    import numpy as np
+    import torch
+
+    t0 = time.perf_counter()
+    ctx_model.eval()
+    embeddings = []
+    with torch.no_grad():
+        for i in range(0, len(passages), 64):
+            chunk = passages[i : i + 64]
+            # DPR passage encoding: "title [SEP] text", padding masked, segment ids all 0 (as rag-index
+            # build embeds; transformers' RAG example passes input_ids alone, leaving padding unmasked).
+            enc = q_tok([p["title"] for p in chunk], [p["text"] for p in chunk], truncation=True,
+                        max_length=512, padding="longest", return_tensors="pt")
+            embeddings.append(ctx_model(enc.input_ids, attention_mask=enc.attention_mask).pooler_output.numpy())
+    emb = np.concatenate(embeddings).astype("float32")
+    _log(f"embedded {len(passages)} passages in {time.perf_counter() - t0:.1f}s")
+
+    kb_dir = (out / "knowledge").resolve()
+    shutil.rmtree(kb_dir, ignore_errors=True)
+    ds = datasets.Dataset.from_dict({
+        "title": [p["title"] for p in passages],
+        "text": [p["text"] for p in passages],
+        "embeddings": [e for e in emb],
+    })
+    ds.save_to_disk(str(kb_dir / "passages"))
+    index = faiss.index_factory(emb.shape[1], index_type, faiss.METRIC_INNER_PRODUCT)
+    ds.add_faiss_index("embeddings", custom_index=index)
+    ds.get_index("embeddings").save(str(kb_dir / "passages.faiss"))
+    return kb_dir
+
+
 def build(out: Path, kind: str, generator: str, size: str, corpus: Path, seed: int,
           n_passages: int, n_docs: int, index_type: str | None, generator_config: dict | None = None,
-          logits_bias_std: float = 0.0) -> None:
+          logits_bias_std: float = 0.0, dpr_config: dict | None = None) -> None:
     """Write a RAG checkpoint to ``out``; ``generator_config`` overrides fields of the generator's config,
-    ``logits_bias_std`` draws a random ``final_logits_bias`` (BART-like generators)."""
-    import numpy as np
+    ``dpr_config`` those of both DPR encoders, ``logits_bias_std`` draws a random ``final_logits_bias``
+    (BART-like generators)."""
     import torch
     from transformers import (
         DPRConfig,
@@ -275,7 +313,7 @@ def build(out: Path, kind: str, generator: str, size: str, corpus: Path, seed: i
     _log(f"tokenizers trained ({len(q_tok)} / {len(g_tok)} tokens) in {time.perf_counter() - t0:.1f}s")
 
     dpr_cfg = DPRConfig(vocab_size=len(q_tok), max_position_embeddings=512, projection_dim=0,
-                        pad_token_id=q_tok.pad_token_id, **spec["dpr"])
+                        pad_token_id=q_tok.pad_token_id, **{**spec["dpr"], **(dpr_config or {})})
     gen_cfg, gen_model, gen_defaults = make_generator(generator, g_tok, spec, generator_config or {})
     q_model = DPRQuestionEncoder(dpr_cfg)
     ctx_model = DPRContextEncoder(dpr_cfg)
@@ -291,36 +329,10 @@ def build(out: Path, kind: str, generator: str, size: str, corpus: Path, seed: i
     )
 
     if index_type:
-        import datasets
-        import faiss
-
         # Knowledge base: passages embedded by the (random) DPR context encoder, exactly as a real one would be.
-        t0 = time.perf_counter()
-        ctx_model.eval()
-        embeddings = []
-        with torch.no_grad():
-            for i in range(0, len(passages), 64):
-                chunk = passages[i : i + 64]
-                # DPR passage encoding: "title [SEP] text", padding masked, segment ids all 0 (as rag-index
-                # build embeds; transformers' RAG example passes input_ids alone, leaving padding unmasked).
-                enc = q_tok([p["title"] for p in chunk], [p["text"] for p in chunk], truncation=True,
-                            max_length=512, padding="longest", return_tensors="pt")
-                embeddings.append(ctx_model(enc.input_ids, attention_mask=enc.attention_mask).pooler_output.numpy())
-        emb = np.concatenate(embeddings).astype("float32")
-        _log(f"embedded {len(passages)} passages in {time.perf_counter() - t0:.1f}s")
-
-        kb_dir = (out / "knowledge").resolve()
-        ds = datasets.Dataset.from_dict({
-            "title": [p["title"] for p in passages],
-            "text": [p["text"] for p in passages],
-            "embeddings": [e for e in emb],
-        })
-        ds.save_to_disk(str(kb_dir / "passages"))
-        index = faiss.index_factory(emb.shape[1], index_type, faiss.METRIC_INNER_PRODUCT)
-        ds.add_faiss_index("embeddings", custom_index=index)
-        ds.get_index("embeddings").save(str(kb_dir / "passages.faiss"))
+        kb_dir = embed_knowledge(out, passages, ctx_model, q_tok, index_type)
         rag_cfg = RagConfig.from_question_encoder_generator_configs(
-            dpr_cfg, gen_cfg, n_docs=n_docs, max_combined_length=300, retrieval_vector_size=emb.shape[1],
+            dpr_cfg, gen_cfg, n_docs=n_docs, max_combined_length=300, retrieval_vector_size=dpr_cfg.hidden_size,
             index_name="custom", passages_path=str(kb_dir / "passages"),
             index_path=str(kb_dir / "passages.faiss"), use_dummy_dataset=False,
         )
@@ -350,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generator", choices=GENERATORS, default="bart")
     parser.add_argument("--generator-config", type=json.loads, default=None,
                         help='JSON object of generator config overrides, e.g. \'{"activation_function": "relu"}\'')
+    parser.add_argument("--dpr-config", type=json.loads, default=None,
+                        help='JSON object of overrides for both DPR encoders\' configs, e.g. \'{"hidden_size": 256}\'')
     parser.add_argument("--final-logits-bias-std", type=float, default=0.0,
                         help="draw final_logits_bias from N(0, std) (BART-like generators)")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -363,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     build(args.out, args.kind, args.generator, args.size, args.corpus, args.seed, args.passages,
           args.n_docs, None if args.index_type.lower() == "none" else args.index_type,
-          generator_config=args.generator_config, logits_bias_std=args.final_logits_bias_std)
+          generator_config=args.generator_config, logits_bias_std=args.final_logits_bias_std,
+          dpr_config=args.dpr_config)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -111,6 +112,22 @@ def test_refuses_non_empty_output_unless_force(work_dir, tmp_path, capsys):
     assert oct(out.stat().st_mode & 0o777) != oct(0o700)
 
 
+def test_every_written_file_follows_the_umask(work_dir, tmp_path):
+    """manifest.json and index.json go through a temporary file and a rename: like every other file of the
+    export they must follow the umask (a private 0600 file cannot be read by a service running as another
+    user)."""
+    ckpt = build_checkpoint(work_dir, "token", "bart")
+    old = os.umask(0o027)
+    try:
+        out = export(str(ckpt), tmp_path / "out", validate=False)
+    finally:
+        os.umask(old)
+    written = [out, *out.rglob("*")]
+    assert {C.MANIFEST_FILE, C.INDEX_META_FILE} <= {p.name for p in written}
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written}
+    assert modes == {name: oct(0o750 if (tmp_path / name).is_dir() else 0o640) for name in modes}
+
+
 def _error(argv: list[str], capsys) -> str:
     assert export_main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -126,9 +143,11 @@ def test_nonexistent_path(tmp_path, capsys):
 
 
 def test_unknown_hub_id_offline(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     err = _error(["no-such-org/no-such-rag-model", str(tmp_path / "out")], capsys)
-    assert "hub model id" in err
+    assert "no-such-org/no-such-rag-model is not in the Hugging Face cache" in err and "HF_HUB_OFFLINE=1" in err
 
 
 def test_not_a_rag_checkpoint(tmp_path, capsys):
@@ -284,3 +303,46 @@ def test_trace_refuses_a_module_that_ignores_an_input(tmp_path):
     spec = GraphSpec(name="probe", file="probe.onnx", inputs={"a": ["n"], "b": ["n"], "c": ["n"]}, outputs={"y": ["n"]})
     with pytest.raises(ExportError, match=r"probe graph does not have the IO its spec declares .*: its module ignores"):
         trace(IgnoresFirst(), spec, (torch.ones(2), torch.ones(2), torch.ones(2)), tmp_path, 17)
+
+
+def test_graphs_with_external_data_export_optimize_convert_validate_and_load(bundles, work_dir, tmp_path, questions):
+    """A graph beyond protobuf's 2 GiB keeps its weights in NAME.onnx.data: forced here with a 64 KiB
+    threshold. Traced, fused, validated, converted to fp16 and int8, hashed and loaded like any other."""
+    from rag_runtime import RagPipeline
+    from support import reference_tokens, special_ids
+
+    ckpt = build_checkpoint(work_dir, "token", "bart")
+    threshold = 1 << 16
+    out = export(str(ckpt), tmp_path / "fp32", external_data_threshold=threshold, include_index=True)
+    manifest = json.loads((out / C.MANIFEST_FILE).read_text())
+    for graph in ("question_encoder", "generator_encoder", "generator_decoder"):
+        file = manifest["graphs"][graph]["file"]
+        weights = onnx.load(str(out / file), load_external_data=False).graph.initializer
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in weights), graph
+        assert (out / file).stat().st_size < (out / f"{file}.data").stat().st_size, graph
+        assert manifest["files"][f"{file}.data"] == sha256_file(out / f"{file}.data")
+    assert not (out / "rag_token_head.onnx.data").exists()  # no weights: nothing to move out
+    assert not list(out.glob(".*.tmp")), "scratch directories must not be left behind"
+    qs, params = questions[:3], dict(num_beams=3, max_length=12)
+    ref = bundles[("token", "bart")].reference.generate(qs, **params)
+    pipe = RagPipeline.load(out)
+    eos, pad = special_ids(pipe)
+    for g, r in zip(pipe.generate(qs, **params), ref, strict=True):
+        assert [a.token_ids for a in g.answers] == [reference_tokens(row, eos, pad) for row in r.sequences]
+
+    for name, options in (("optimized", dict(optimize=True)), ("fp16", dict(precision="fp16")),
+                          ("int8", dict(quantize="int8"))):
+        reduced = export(str(ckpt), tmp_path / name, external_data_threshold=threshold, include_index=False,
+                         **options)
+        assert (reduced / "generator_decoder.onnx.data").is_file(), name
+        figures = json.loads((reduced / C.MANIFEST_FILE).read_text())["validation"]
+        assert "generator_decoder" in figures and (name == "optimized" or f"{name}_drift" in figures)
+        ids = np.array([[0, 100, 200, 2], [0, 300, 2, 1]], dtype=np.int64)
+        rows = RagPipeline.load(reduced).generate_from_context(ids, (ids != 1).astype(np.int64),
+                                                               np.array([[1.0, 0.5]], np.float32), max_length=6)
+        assert rows.shape[0] == 1, name
+
+    data = out / "generator_decoder.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ArtifactError, match=r"generator_decoder.onnx.data does not match its sha256"):
+        RagPipeline.load(out)

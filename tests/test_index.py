@@ -330,3 +330,71 @@ def test_hnsw_without_embeddings_scores_inner_products(token_bart, built, tmp_pa
     ids, scores = KnowledgeIndex(out).search(queries, 4)
     np.testing.assert_allclose(scores, np.einsum("bd,bnd->bn", queries, emb[ids]), rtol=1e-4, atol=1e-4)
     assert (np.diff(scores, axis=1) <= 1e-5).all()
+
+
+def _embedded_corpus(token_bart, vectors=None) -> list[dict]:
+    """The bundled corpus with its PyTorch DPR embeddings (the checkpoint's knowledge base), as a released
+    corpus carries them."""
+    kb = _checkpoint_kb(token_bart)
+    rows = [json.loads(line) for line in CORPUS.read_text().splitlines()]
+    emb = np.asarray(kb["embeddings"], dtype=np.float32) if vectors is None else vectors
+    return [{**r, "embeddings": e} for r, e in zip(rows, emb, strict=True)]
+
+
+def test_build_from_stored_embeddings_in_arrow_and_jsonl(token_bart, built, tmp_path, capsys):
+    """A corpus that carries its embeddings (wiki_dpr's layout) is indexed without embedding it again: a
+    datasets save_to_disk copy (Arrow) checked against the context encoder, and JSONL without a check."""
+    import datasets
+
+    rows = _embedded_corpus(token_bart)
+    copy = tmp_path / "saved"
+    datasets.Dataset.from_list([{k: (v.tolist() if k == "embeddings" else v) for k, v in r.items()} for r in rows]
+                               ).save_to_disk(str(copy), max_shard_size="40KB")
+    assert len(list(copy.glob("*.arrow"))) > 1  # read in name order across the shards
+    out = tmp_path / "from-arrow"
+    assert rag_index("build", copy, out, "--embeddings-column", "embeddings", "--context-encoder", token_bart.export,
+                     "--index-type", "flat") == 0
+    assert "largest difference" in capsys.readouterr().err
+    stored = np.stack([r["embeddings"] for r in rows])
+    np.testing.assert_array_equal(np.load(out / "embeddings.npy"), stored)
+    np.testing.assert_allclose(stored, np.load(built / "embeddings.npy"), atol=1e-4)  # what the encoder makes
+    meta = json.loads((out / "index.json").read_text())
+    assert meta["count"] == len(rows) and meta["encoder"] == json.loads((built / "index.json").read_text())["encoder"]
+
+    jsonl = tmp_path / "embedded.jsonl"
+    jsonl.write_text("".join(json.dumps({**r, "embeddings": r["embeddings"].tolist()}) + "\n" for r in rows[:50]))
+    bare = tmp_path / "from-jsonl"
+    assert rag_index("build", jsonl, bare, "--embeddings-column", "embeddings") == 0
+    assert json.loads((bare / "index.json").read_text())["encoder"] is None
+    np.testing.assert_array_equal(np.load(bare / "embeddings.npy"), stored[:50])
+
+
+def test_stored_embeddings_are_checked(token_bart, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    enc = ["--context-encoder", token_bart.export]
+    rows = _embedded_corpus(token_bart)
+    # Rows shifted by one against their passages: what pairing files of another corpus or encoder looks like.
+    shifted = _embedded_corpus(token_bart, np.roll(np.stack([r["embeddings"] for r in rows]), 1, axis=0))
+    path = tmp_path / "shifted.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "embeddings": r["embeddings"].tolist()} for r in shifted]), path)
+    assert rag_index("build", path, tmp_path / "o", "--embeddings-column", "embeddings", *enc) == 2
+    one_line_error(capsys, "the stored embeddings do not come from the context encoder", "of its magnitude")
+    assert rag_index("build", path, tmp_path / "o", "--embeddings-column", "vectors", *enc) == 2
+    one_line_error(capsys, "no 'vectors' column")
+
+    ragged = tmp_path / "ragged.jsonl"
+    lines = [json.dumps({**r, "embeddings": r["embeddings"].tolist()}) for r in rows[:10]]
+    lines[6] = json.dumps({**rows[6], "embeddings": rows[6]["embeddings"][:-1].tolist()})
+    ragged.write_text("\n".join(lines) + "\n")
+    assert rag_index("build", ragged, tmp_path / "o", "--embeddings-column", "embeddings") == 2
+    one_line_error(capsys, f"{ragged}:7: 'embeddings' has 63 values, the first row has 64")
+    assert not (tmp_path / "o").exists()
+
+    tsv = tmp_path / "p.tsv"
+    tsv.write_text("id\ttext\ttitle\n1\tsome text\tT\n")
+    assert rag_index("build", tsv, tmp_path / "o", "--embeddings-column", "embeddings") == 2
+    one_line_error(capsys, "stored embeddings are read from JSONL, Parquet or Arrow files, not TSV")
+    assert rag_index("build", tsv, tmp_path / "o") == 2
+    one_line_error(capsys, "needs --context-encoder EXPORT_DIR", "--embeddings-column")

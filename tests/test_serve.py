@@ -45,7 +45,7 @@ def _expected(pipe, question: str, params: dict) -> dict:
     r = pipe.generate([question], **params)[0]
     return {"question": question,
             "answers": [{"text": a.text, "token_ids": a.token_ids, "score": a.score} for a in r.answers],
-            "docs": [{"id": d.id, "title": d.title, "text": d.text, "score": d.score} for d in r.docs]}
+            "docs": [{"id": d.id, "title": d.title, "text": d.text, "score": d.score, "pid": d.pid} for d in r.docs]}
 
 
 def _assert_answers(results: list[dict], expected: list[dict]) -> None:
@@ -89,7 +89,9 @@ def test_retrieve(server, bundle, questions):
     expected = bundle.pipeline.retrieve(questions[:2], n_docs=3)
     for result, q, docs in zip(resp.json()["results"], questions[:2], expected, strict=True):
         assert result["question"] == q
-        assert [(d["id"], d["title"], d["score"]) for d in result["docs"]] == [(d.id, d.title, d.score) for d in docs]
+        assert [(d["id"], d["pid"], d["title"], d["score"]) for d in result["docs"]] == [
+            (d.id, d.pid, d.title, d.score) for d in docs]
+        assert all(d["pid"] is not None for d in result["docs"])  # the passage's own id survives HTTP
 
 
 def test_info(server, bundle):

@@ -16,6 +16,7 @@ from rag_runtime.artifact import DecoderDims
 
 from .. import validate as V
 from ..judge import Tolerance
+from ..onnx_files import DEFAULT_EXTERNAL_DATA_THRESHOLD
 from . import GraphSpec
 from .families import GeneratorFamily
 from .generator import DECODER_SPEC, ENCODER_SPEC, GeneratorEncoderGraph
@@ -43,6 +44,7 @@ class ExportContext:
         family: The generator's family.
         dims: The generator decoder's dimensions.
         context_encoder: The DPR context encoder to export too, if any.
+        external_data_threshold: Graphs whose weights exceed this many bytes keep them in external data.
     """
 
     out: Path
@@ -50,6 +52,7 @@ class ExportContext:
     family: GeneratorFamily | None = None
     dims: DecoderDims | None = None
     context_encoder: ContextEncoderSource | None = None
+    external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD
 
     @property
     def generator(self) -> nn.Module:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .commands import run_command, setup_logging
+from .errors import InvalidOptionError
 from .options import BOOLEAN, EARLY_STOPPING, INTEGER, NUMBER, OPTIONS, TOKEN_ID, TOKEN_IDS, TOKEN_SEQUENCES
 
 
@@ -52,6 +54,26 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     return g
 
 
+# --passages gives every question all the passages of the file: beyond this many, build an index instead.
+MAX_GIVEN_PASSAGES = 100
+
+
+def _read_passages(path: Path | None) -> list[dict] | None:
+    """The passages of ``--passages FILE`` (checked like an index build's input), or None without one."""
+    if path is None:
+        return None
+    from .knowledge import PassageReader
+
+    reader = PassageReader(path)
+    count = reader.scan()
+    if count == 0:
+        raise InvalidOptionError(f"--passages {path} has no passages")
+    if count > MAX_GIVEN_PASSAGES:
+        raise InvalidOptionError(f"--passages {path} has {count} passages and every question gets all of them: give "
+                                 f"at most {MAX_GIVEN_PASSAGES}, or build a knowledge index from it (rag-index build)")
+    return [{"id": p.pid, "title": p.title, "text": p.text} for p in reader]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rag-generate", description="Answer questions from a rag-export directory.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -62,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-docs", type=int, default=3, help="passages to print per question (text mode)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (IVF knowledge indexes)")
     p.add_argument("--ef-search", type=int, default=None, help="candidate list size (HNSW knowledge indexes)")
+    p.add_argument("--passages", metavar="FILE", type=Path, default=None,
+                   help="answer from these passages instead of the knowledge index (JSONL, TSV, CSV or Parquet rows "
+                   f"with title, text and optionally id; at most {MAX_GIVEN_PASSAGES}): every question gets all of "
+                   "them, weighted equally; works on an export without an index")
     add_generation_flags(p)
     return p
 
@@ -76,10 +102,13 @@ def _generate(args: dict) -> int:
     export, questions, device = args.pop("export"), args.pop("questions"), args.pop("device")
     as_json, show_docs = args.pop("json"), args.pop("show_docs")
     search = {"nprobe": args.pop("nprobe"), "ef_search": args.pop("ef_search")}
+    passages = _read_passages(args.pop("passages"))
     from .pipeline import RagPipeline
 
     pipe = RagPipeline.load(export, device=device, **search)
-    for r in pipe.generate(questions, **args):
+    results = (pipe.generate(questions, **args) if passages is None
+               else pipe.generate_from_passages(questions, [passages] * len(questions), **args))
+    for r in results:
         if as_json:
             print(json.dumps(r.to_dict(), ensure_ascii=False))
             continue

@@ -27,8 +27,13 @@ class Contextualizer:
         """Context ids and mask for retrieved passages, padded to the longest row, truncated at
         ``max_combined_length``. The reference decodes each question back from its ids, so the generator
         sees that text."""
-        questions = [self._questions.decode(row, skip_special_tokens=True) for row in question_ids]
         passages = [[self._retriever.passage(int(doc_id)) for doc_id in ids] for ids in doc_ids]
+        return self.from_passages(question_ids, passages)
+
+    def from_passages(self, question_ids: np.ndarray, passages: list[list[dict]]) -> tuple[np.ndarray, np.ndarray]:
+        """Context ids and mask for questions (as token ids) and passages given for each, built as for
+        retrieved ones: the question text is what its tokenizer decodes, as the reference does."""
+        questions = [self._questions.decode(row, skip_special_tokens=True) for row in question_ids]
         return self.encode(questions, passages)
 
     def encode(self, questions: list[str], passages: list[list[dict]]) -> tuple[np.ndarray, np.ndarray]:

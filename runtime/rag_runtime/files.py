@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import OutputExistsError
+
+_T = TypeVar("_T")
 
 
 def sha256_file(path: Path) -> str:
@@ -42,10 +46,25 @@ def replace_dir(new: Path, target: Path) -> None:
         new.rename(target)
 
 
+def unique_sibling(target: Path, create: Callable[[Path], _T]) -> tuple[Path, _T]:
+    """A new, uniquely named ``.NAME.XXXXXXXX.tmp`` beside ``target``, made by ``create`` (which must fail
+    with ``FileExistsError`` when the name is taken), and what ``create`` returned.
+
+    Unlike ``tempfile``'s private (0600/0700) files, what ``create`` makes follows the umask, so a finished
+    export reads like any other new file: a service running as another user can read it."""
+    for _ in range(100):
+        candidate = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return candidate, create(candidate)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {target}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that readers see the old content or the new, never a part (a unique temporary
-    file beside it, flushed to disk, then renamed; removed if anything fails)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    file beside it, flushed to disk, then renamed; removed if anything fails). Its mode follows the umask."""
+    tmp, fd = unique_sibling(path, lambda p: os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -1,6 +1,7 @@
 """``rag-index``: build, attach and search knowledge indexes (no torch needed).
 
     rag-index build PASSAGES OUT --context-encoder EXPORT_DIR [--index-type auto|flat|hnsw|ivfpq|FACTORY]
+    rag-index build WIKI_DPR_FILES OUT --embeddings-column embeddings [--context-encoder EXPORT_DIR]
     rag-index attach EXPORT_DIR INDEX_DIR [--copy]
     rag-index search INDEX_DIR "question" --export EXPORT_DIR [-k 5]
 
@@ -24,6 +25,7 @@ from .commands import run_command, setup_logging
 from .errors import ArtifactError, InvalidOptionError
 from .files import dir_size_text, replace_dir
 from .knowledge import BuildOptions, IndexMeta
+from .results import retrieval_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="embed a passage file and index it with faiss",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("passages", type=Path, help="JSONL, TSV, CSV or Parquet file with id, title, text")
+    b.add_argument("passages", type=Path, help="JSONL, TSV, CSV, Parquet or Arrow file with id, title, text "
+                   "(or a directory of such files, read in name order)")
     b.add_argument("out", type=Path, help="index directory to create")
-    b.add_argument("--context-encoder", required=True, type=Path,
+    b.add_argument("--context-encoder", type=Path,
                    help="rag-export directory with a context encoder (rag-export MODEL OUT --context-encoder ..., "
-                        "or rag-export-index context-encoder CHECKPOINT OUT)")
+                        "or rag-export-index context-encoder CHECKPOINT OUT); with --embeddings-column it checks "
+                        "the stored embeddings on the first batch and is recorded as their encoder")
+    b.add_argument("--embeddings-column", metavar="COLUMN", default=None,
+                   help="take each passage's embedding from this column instead of embedding it (a released "
+                        "corpus such as wiki_dpr: column 'embeddings')")
     b.add_argument("--index-type", default="auto",
                    help="auto, flat (exact), hnsw, ivfpq, or any faiss factory string")
     b.add_argument("--batch-size", type=int, default=64)
@@ -80,15 +87,20 @@ def _build(args) -> int:
 
     if args.batch_size < 1:
         raise InvalidOptionError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not (args.context_encoder / C.MANIFEST_FILE).is_file():
+    if args.context_encoder is None and not args.embeddings_column:
+        raise InvalidOptionError("rag-index build needs --context-encoder EXPORT_DIR to embed the passages, or "
+                                 "--embeddings-column COLUMN when the file carries their embeddings")
+    if args.context_encoder is not None and not (args.context_encoder / C.MANIFEST_FILE).is_file():
         raise ArtifactError(f"{args.context_encoder} is not a rag-export directory; export the DPR context encoder "
                             f"first: rag-export-index context-encoder {args.context_encoder} ENCODER_DIR (needs "
                             "pip install 'rag-export[export]')")
     options = BuildOptions(index_type=args.index_type, batch_size=args.batch_size,
                            embeddings_dtype=args.embeddings_dtype, store_embeddings=not args.no_embeddings,
-                           shards=args.shards, skip_bad_rows=args.skip_bad_rows)
+                           shards=args.shards, skip_bad_rows=args.skip_bad_rows,
+                           embeddings_column=args.embeddings_column)
     t0 = time.perf_counter()
-    encoder = ContextEncoder(args.context_encoder, args.device, args.threads)
+    encoder = (ContextEncoder(args.context_encoder, args.device, args.threads)
+               if args.context_encoder is not None else None)
     try:
         meta = build_index(args.passages, args.out, encoder, options, force=args.force)
     except KeyboardInterrupt:
@@ -156,9 +168,7 @@ def _search(args) -> int:
     for question, ids, row in zip(args.question, doc_ids, scores, strict=True):
         docs = retriever.documents(ids, row)
         if args.json:
-            print(json.dumps({"question": question, "docs": [
-                {"id": d.id, "pid": d.pid, "score": d.score, "title": d.title, "text": d.text} for d in docs]},
-                ensure_ascii=False))
+            print(json.dumps(retrieval_to_dict(question, docs), ensure_ascii=False))
             continue
         print(f"Q: {question}")
         for rank, d in enumerate(docs, 1):

@@ -33,7 +33,8 @@ from .tokenization import TextTokenizer
 class RagPipeline:
     """A loaded export: question encoder, knowledge index, generator and decoding.
 
-    Use :meth:`load`; then :meth:`generate`, :meth:`retrieve` or :meth:`generate_from_context`.
+    Use :meth:`load`; then :meth:`generate`, :meth:`retrieve`, :meth:`generate_from_passages` or
+    :meth:`generate_from_context`.
 
     Attributes:
         manifest: The export's typed manifest.
@@ -251,6 +252,59 @@ class RagPipeline:
         state = backend.encode_rows(ids, mask)
         rows = [backend.select(state, np.array([i])) for i in range(len(ids))]
         return backend.teacher_forced(rows, [tokens[i : i + 1] for i in range(len(ids))])
+
+    def generate_from_passages(self, questions: list[str], passages: list[list[dict]], doc_scores=None,
+                               **kwargs) -> list[RagOutput]:
+        """Answer each question from passages you give, instead of retrieved ones (an export without a
+        knowledge index, or your own search).
+
+        Contexts are built as retrieval builds them, so the answers are those of transformers'
+        ``generate(context_input_ids=..., context_attention_mask=..., doc_scores=...)`` given
+        ``RagRetriever.postprocess_docs`` of the same passages.
+
+        Args:
+            questions: The questions.
+            passages: For each question its passages, in order: ``{"title", "text"}`` and optionally
+                ``"id"`` (kept as the results' ``pid``). Every question gets the same number, which is
+                the ``n_docs`` used.
+            doc_scores: float array [batch, n_docs] (retrieval scores: RAG-Token's passage log-prior is
+                their log-softmax); None: all equal, every passage weighs the same.
+            **kwargs: Generation parameters as for :meth:`generate`; ``n_docs``, if given, must equal
+                the number of passages.
+
+        Returns:
+            One result per question; its ``docs`` are the given passages (``id``: position in the list).
+
+        Raises:
+            InvalidOptionError: Passage lists of different lengths or none, mismatched ``doc_scores`` or
+                ``n_docs``, or an invalid generation parameter.
+        """
+        questions = _as_list(questions)
+        if len(passages) != len(questions):
+            raise InvalidOptionError(f"{len(passages)} passage lists for {len(questions)} questions: give one list "
+                                     "per question")
+        if not questions:
+            return []
+        counts = sorted({len(p) for p in passages})
+        if len(counts) != 1 or counts[0] == 0:
+            raise InvalidOptionError(f"every question needs the same number of passages (at least 1), got {counts}")
+        n = counts[0]
+        scores = np.zeros((len(questions), n), np.float32) if doc_scores is None else np.asarray(doc_scores, np.float32)
+        if scores.shape != (len(questions), n):
+            raise InvalidOptionError(f"doc_scores has shape {scores.shape}, expected {(len(questions), n)}")
+        if kwargs.get("n_docs", n) != n:
+            raise InvalidOptionError(f"n_docs={kwargs['n_docs']} but {n} passages per question were given")
+        opts = self.generator.options({**kwargs, "n_docs": n})
+        q_ids, _ = self.question_encoder.tokenizer.encode(questions,
+                                                          max_length=self.question_encoder.tokenizer.model_max_length)
+        with self.timer.stage("contextualize"):
+            ctx_ids, ctx_mask = self.contextualizer.from_passages(q_ids, passages)
+        decoded = self.generator.run(self.generator.requests(ctx_ids, ctx_mask, scores, opts,
+                                                             reference_width=self.manifest.rag.max_combined_length))
+        return [RagOutput(question, self.generator.answers(decoded[i]),
+                          [Document(j, p.get("title") or "", p["text"], float(scores[i, j]), p.get("id"))
+                           for j, p in enumerate(passages[i])])
+                for i, question in enumerate(questions)]
 
     def _search(self, questions: list[str], n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Question ids, then doc ids and scores [batch, n_docs]."""

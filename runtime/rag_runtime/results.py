@@ -23,6 +23,10 @@ class Document:
     score: float
     pid: str | None = None
 
+    def to_dict(self) -> dict:
+        """Plain JSON-ready data: ``{"id", "title", "text", "score", "pid"}``."""
+        return asdict(self)
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -56,5 +60,12 @@ class RagOutput:
     docs: list[Document] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready data: ``{"question", "answers": [...], "docs": [...]}``."""
+        """Plain JSON-ready data: ``{"question", "answers": [...], "docs": [...]}`` (docs as
+        :meth:`Document.to_dict` writes them). Every command and endpoint answers with this."""
         return asdict(self)
+
+
+def retrieval_to_dict(question: str, docs: list[Document]) -> dict:
+    """One question's retrieved passages as JSON-ready data: ``{"question", "docs": [...]}``, each doc as
+    :meth:`Document.to_dict` writes it (``rag-index search --json`` and ``/v1/retrieve``)."""
+    return {"question": question, "docs": [d.to_dict() for d in docs]}

@@ -25,8 +25,9 @@ class Retriever:
     def require_index(self) -> KnowledgeIndex:
         if self.index is None:
             raise IndexUnavailableError(
-                f"{self._export_dir} has no knowledge index, so questions cannot be answered by retrieval; attach "
-                "one with `rag-index attach`, or pass passages yourself with generate_from_context()")
+                f"{self._export_dir} has no knowledge index, so questions cannot be answered by retrieval: build "
+                "one and attach it (`rag-index attach`), or give the passages to answer from (rag-generate "
+                "--passages FILE, RagPipeline.generate_from_passages)")
         return self.index
 
     def search(self, embeddings: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Build a knowledge index from a passage file: embed in batches, stream to disk, then index with faiss.
+"""Build a knowledge index from a passage file: embed in batches (or take the embeddings the file
+carries), stream to disk, then index with faiss.
 
 The build runs in ``.OUT.partial`` next to OUT and is renamed at the end, so OUT is never half
 written. The partial directory keeps the embedded rows and a state file; running the same build
@@ -38,6 +39,55 @@ class Encoder(Protocol):
     def embed(self, titles: list[str], texts: list[str]) -> np.ndarray: ...
 
 
+# Stored embeddings against the context encoder's own, on the first batch: per passage, the largest
+# difference relative to the largest magnitude. fp16 storage or arithmetic stays far below it; vectors of
+# another encoder, or rows shifted against their passages, are far above it.
+MAX_STORED_DIFF = 0.05
+
+
+class StoredEmbeddings:
+    """The embeddings a passage file carries (``BuildOptions.embeddings_column``), e.g. wiki_dpr's, used
+    instead of embedding every passage again.
+
+    Args:
+        reader: The scanned passage reader (its first passage gives the dimension).
+        check: The context encoder the embeddings were made with: its identity is recorded, and the first
+            batch is embedded again and compared (see :data:`MAX_STORED_DIFF`).
+            None records no encoder (``rag-index attach`` then warns).
+    """
+
+    def __init__(self, reader: PassageReader, check: Encoder | None = None):
+        first = next(iter(reader), None)
+        if first is None:
+            raise ArtifactError(f"{reader.path} has no usable passages")
+        self.dim = len(first.vector)
+        if check is not None and check.dim != self.dim:
+            raise InvalidOptionError(f"{reader.path} stores {self.dim}-dimensional embeddings but the context encoder "
+                                     f"{check.identity.get('source')} makes {check.dim}-dimensional ones")
+        self.identity = check.identity if check is not None else None
+        self._check = check
+
+    def take(self, batch: list) -> np.ndarray:
+        vectors = np.stack([p.vector for p in batch]).astype(np.float32, copy=False)
+        if self._check is not None:
+            self._compare(batch, vectors)
+            self._check = None
+        return vectors
+
+    def _compare(self, batch: list, stored: np.ndarray) -> None:
+        fresh = self._check.embed([p.title for p in batch], [p.text for p in batch])
+        relative = np.abs(stored - fresh).max(axis=1) / np.maximum(np.abs(fresh).max(axis=1), 1e-12)
+        worst = int(np.argmax(relative))
+        source = self._check.identity.get("source")
+        logger.info(f"stored embeddings against {source} on the first {len(batch)} passages: largest difference "
+                    f"{relative[worst]:.2e} of the vector's magnitude")
+        if relative[worst] > MAX_STORED_DIFF:
+            raise ArtifactError(
+                f"the stored embeddings do not come from the context encoder {source}: passage {batch[worst].pid!r} "
+                f"differs by {relative[worst]:.1%} of its magnitude (at most {MAX_STORED_DIFF:.0%} expected); pass the "
+                "encoder they were made with, or build without --embeddings-column to embed every passage")
+
+
 @dataclass
 class BuildOptions:
     """How to build.
@@ -49,6 +99,8 @@ class BuildOptions:
         store_embeddings: Keep ``embeddings.npy`` (exact doc scores); without it doc scores are faiss distances.
         shards: Split the faiss index into this many files (searched together; one per GPU on load).
         skip_bad_rows: Skip malformed rows instead of failing.
+        embeddings_column: Take each passage's embedding from this column of the file (JSONL, Parquet,
+            Arrow) instead of embedding it (see :class:`StoredEmbeddings`).
     """
 
     index_type: str = "auto"
@@ -57,6 +109,7 @@ class BuildOptions:
     store_embeddings: bool = True
     shards: int = 1
     skip_bad_rows: bool = False
+    embeddings_column: str | None = None
 
 
 def resolve_factory(index_type: str, count: int, dim: int) -> tuple[str, dict]:
@@ -80,14 +133,16 @@ def resolve_factory(index_type: str, count: int, dim: int) -> tuple[str, dict]:
     return index_type, {}
 
 
-def build_index(passages: str | Path, out: str | Path, encoder: Encoder, options: BuildOptions | None = None,
+def build_index(passages: str | Path, out: str | Path, encoder: Encoder | None, options: BuildOptions | None = None,
                 *, force: bool = False, stop_after: int | None = None) -> IndexMeta | None:
     """Build ``out`` from a passage file (see :mod:`rag_runtime.knowledge.sources` for formats).
 
     Args:
-        passages: JSONL, TSV, CSV or Parquet file of id, title, text rows.
+        passages: JSONL, TSV, CSV, Parquet or Arrow file of id, title, text rows, or a directory of such files.
         out: Index directory to create; must not exist (or be empty) unless ``force``.
-        encoder: Turns (titles, texts) into embeddings (e.g. :class:`ContextEncoder`).
+        encoder: Turns (titles, texts) into embeddings (e.g. :class:`ContextEncoder`). With
+            ``options.embeddings_column`` it only checks the stored embeddings and is recorded as their
+            encoder (None: nothing is checked or recorded).
         options: Index type, batch size, dtypes, shards, bad-row policy.
         force: Replace an existing ``out`` (only after the new index is complete).
         stop_after: Stop after this many embedded passages, leaving a resumable partial build (tests).
@@ -107,7 +162,7 @@ def build_index(passages: str | Path, out: str | Path, encoder: Encoder, options
     if options.shards < 1:
         raise InvalidOptionError(f"shards must be >= 1, got {options.shards}")
     source = Path(passages)
-    reader = PassageReader(source, skip_bad_rows=options.skip_bad_rows)
+    reader = PassageReader(source, skip_bad_rows=options.skip_bad_rows, embeddings_column=options.embeddings_column)
     with step(logger, f"checking {source}"):
         count = reader.scan()
     if reader.skipped:
@@ -116,11 +171,17 @@ def build_index(passages: str | Path, out: str | Path, encoder: Encoder, options
         raise ArtifactError(f"{source} has no usable passages")
     if options.shards > count:
         raise InvalidOptionError(f"{options.shards} shards for {count} passages: use at most {count}")
+    if options.embeddings_column:
+        encoder = StoredEmbeddings(reader, encoder)
+    elif encoder is None:
+        raise InvalidOptionError("building an index needs a context encoder to embed the passages, or "
+                                 "embeddings_column naming the column that holds them")
     factory, params = resolve_factory(options.index_type, count, encoder.dim)
 
     partial = out.parent / f".{out.name}.partial"
-    stat = source.stat()
-    state = {"source": str(source.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns, "count": count,
+    stats = [f.stat() for f, _ in reader.files]
+    state = {"source": str(source.resolve()), "size": sum(st.st_size for st in stats),
+             "mtime": max(st.st_mtime_ns for st in stats), "count": count,
              "encoder": encoder.identity, "options": asdict(options), "done": 0}
     done = _resume_point(partial, state)
     state["done"] = done
@@ -194,7 +255,7 @@ def _embed_batches(reader: PassageReader, partial: Path, encoder: Encoder, optio
     last_flush = time.perf_counter()
     for batch in _batches(reader, state["done"], options.batch_size):
         titles, texts = [p.title for p in batch], [p.text for p in batch]
-        vectors = encoder.embed(titles, texts)
+        vectors = encoder.take(batch) if isinstance(encoder, StoredEmbeddings) else encoder.embed(titles, texts)
         if vectors.shape != (len(batch), encoder.dim):
             raise ArtifactError(f"the context encoder returned {vectors.shape}, expected {(len(batch), encoder.dim)}")
         writer.add([p.pid for p in batch], titles, texts, vectors)

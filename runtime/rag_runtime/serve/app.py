@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from .. import __version__
 from ..errors import InvalidOptionError
 from ..options import OPTIONS
-from ..results import Document, RagOutput
+from ..results import RagOutput, retrieval_to_dict
 from .limits import ServeLimits
 from .service import PipelineSource, Service
 from .validation import ApiError, parse_generation, parse_questions, parse_timeout, read_json
@@ -42,8 +42,14 @@ def create_app(pipeline: PipelineSource, limits: ServeLimits | None = None, *, a
 
     Returns:
         The app; its ``Service`` is ``app.state.service``.
+
+    Raises:
+        IndexUnavailableError: ``pipeline`` is loaded and has no knowledge index (``rag-serve`` checks the
+            export before loading it).
     """
     limits = limits or ServeLimits()
+    if not callable(pipeline) and pipeline.index is None:
+        pipeline.retriever.require_index()  # the service answers by retrieval: refuse now, not at warm-up
     service = Service(pipeline, limits, on_fatal)
 
     @contextlib.asynccontextmanager
@@ -149,7 +155,7 @@ async def _answer(service: Service, limits: ServeLimits, request: Request, stats
         stats.update(queue_s=job.queue_s, inference_s=job.inference_s, batch=job.batch_size)
     finally:
         service.active -= 1
-    to_json = _generated if operation == "generate" else _retrieved
+    to_json = _generated if operation == "generate" else retrieval_to_dict
     headers = {"x-queue-time": f"{job.queue_s * 1000:.1f}", "x-inference-time": f"{job.inference_s * 1000:.1f}",
                "x-batch-size": f"{job.batch_size:.3g}", "x-request-id": stats["id"]}
     return JSONResponse({"results": [to_json(q, r) for q, r in zip(questions, results, strict=True)]},
@@ -187,18 +193,8 @@ def _account(service: Service, endpoint: str, response: Response, stats: dict, e
     access_logger.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"access": fields})
 
 
-def _document(d: Document) -> dict:
-    return {"id": d.id, "title": d.title, "text": d.text, "score": d.score}
-
-
 def _generated(question: str, r: RagOutput) -> dict:
-    return {"question": question,
-            "answers": [{"text": a.text, "token_ids": a.token_ids, "score": a.score} for a in r.answers],
-            "docs": [_document(d) for d in r.docs]}
-
-
-def _retrieved(question: str, docs: list[Document]) -> dict:
-    return {"question": question, "docs": [_document(d) for d in docs]}
+    return {**r.to_dict(), "question": question}
 
 
 def _scheduler_info(service: Service) -> dict:

@@ -9,7 +9,7 @@ import os
 import sys
 
 from ..commands import run_command
-from ..errors import InvalidOptionError, RagError, require
+from ..errors import IndexUnavailableError, InvalidOptionError, RagError, require
 from .limits import SCHEDULERS, ServeLimits
 
 logger = logging.getLogger("rag_runtime.serve")
@@ -127,12 +127,26 @@ def main(argv: list[str] | None = None) -> int:
     return run_command("rag-serve", lambda: _serve(args))
 
 
+def check_servable(export: str) -> None:
+    """Refuse, before anything starts, an export the service could not answer from: rag-serve answers
+    questions by retrieval, so the export needs a knowledge index."""
+    from ..artifact import Manifest
+
+    if not os.path.isdir(export):
+        raise InvalidOptionError(f"{export} is not a directory (expected the output of rag-export)")
+    if Manifest.load(export, verify=False).index is None:
+        raise IndexUnavailableError(
+            f"{export} has no knowledge index and rag-serve answers questions by retrieval, so it does not start: "
+            f"build an index and attach it (rag-index build ...; rag-index attach {export} INDEX_DIR; the export's "
+            f"last lines and the README's 'From the hub' give the steps); meanwhile rag-generate {export} "
+            "QUESTION --passages FILE answers from passages you give")
+
+
 def _serve(args: argparse.Namespace) -> int:
     limits = ServeLimits(**{name: getattr(args, name) for name in _LIMIT_OPTIONS})
     api_key = _api_key(args.api_key_env)
     _import_serving()
-    if not os.path.isdir(args.export):
-        raise InvalidOptionError(f"{args.export} is not a directory (expected the output of rag-export)")
+    check_servable(args.export)
     if args.ray:
         from .ray_app import run_local
 

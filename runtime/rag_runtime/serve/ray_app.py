@@ -45,6 +45,9 @@ def build_application(export: str, limits: ServeLimits | None = None, *, api_key
     _, serve = _import_ray()
     from ..pipeline import RagPipeline
     from .app import create_app
+    from .cli import check_servable
+
+    check_servable(export)
 
     limits = limits or ServeLimits()
 
