@@ -50,10 +50,15 @@ def _ask(url: str, question: str) -> httpx.Response:
 
 
 def _same(pipe, question: str, resp: httpx.Response) -> bool:
+    """The served answer is generate()'s alone: texts, tokens and passages exactly, scores within 1e-4 (a
+    question decoded beside others sums in another order)."""
     r = pipe.generate([question], num_beams=2)[0]
     got = resp.json()["results"][0]
-    return (got["answers"] == [{"text": a.text, "token_ids": a.token_ids, "score": a.score} for a in r.answers]
-            and [(d["id"], d["score"]) for d in got["docs"]] == [(d.id, d.score) for d in r.docs])
+    scores = [a["score"] for a in got["answers"]] + [d["score"] for d in got["docs"]]
+    want = [a.score for a in r.answers] + [d.score for d in r.docs]
+    return ([(a["text"], a["token_ids"]) for a in got["answers"]] == [(a.text, a.token_ids) for a in r.answers]
+            and [d["id"] for d in got["docs"]] == [d.id for d in r.docs]
+            and all(abs(x - y) <= 1e-4 * max(1.0, abs(y)) for x, y in zip(scores, want, strict=True)))
 
 
 def test_two_replicas_answer_identically_and_survive_a_killed_replica(ray_serve, bundles, questions):
@@ -76,10 +81,10 @@ def test_two_replicas_answer_identically_and_survive_a_killed_replica(ray_serve,
     assert [r.status_code for r in after_kill] == [200] * 8, [r.text for r in after_kill if r.status_code != 200]
     assert all(_same(pipe, q, r) for q, r in zip(questions[:8], after_kill, strict=True))
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (_running(serve) == 2 and victim not in _replicas(ray)
                                                 and len(_replicas(ray)) == 2):
         time.sleep(0.5)
     now = _replicas(ray)
-    assert victim not in now and len(now) == 2 and _running(serve) == 2, (before, now)
+    assert victim not in now and len(now) == 2 and _running(serve) == 2, (before, now, serve.status())
     assert _ask(url, questions[0]).status_code == 200
