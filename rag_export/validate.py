@@ -106,7 +106,7 @@ def validate_generator_decoder(encoder_path, decoder_path, generator, dims: Deco
         ref_rows = np.concatenate([order, [first_rows] if late else []]).astype(np.int64)
         positions = np.array([t] * first_rows + ([t - late_start] if late else []), dtype=np.int64)
         tokens = dec_ids[ref_rows, positions].numpy()[:, None]
-        slots = np.full((3, beams), rows, dtype=np.int64)
+        slots = np.zeros((3, beams), dtype=np.int64)  # empty slots read row 0; their results are dropped
         slots[:2] = np.arange(first_rows).reshape(2, beams)
         if late:
             slots[2, 0] = first_rows

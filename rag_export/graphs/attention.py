@@ -3,9 +3,9 @@
 Layouts: keys/values are ``[rows, heads, length, head_dim]``. Cross-attention is *beam-folded*: the decoder
 rows that read one encoder row (a passage's beams, of one question or another) become extra query positions
 against that passage's K/V, so encoder outputs are never copied per beam. Rows map onto encoder rows through
-``cross_query_rows`` [enc_rows, fold] (the decoder row in each of an encoder row's ``fold`` query slots, or
-``rows`` for an empty slot) and ``decoder_slots`` [rows] (each row's slot, ``enc_row * fold + slot``), so
-any number of beams per passage shares one call.
+``cross_query_rows`` [enc_rows, fold] (the decoder row in each of an encoder row's ``fold`` query slots; an
+empty slot names any row, its result is never read) and ``decoder_slots`` [rows] (each row's slot,
+``enc_row * fold + slot``), so any number of beams per passage shares one call.
 
 Self-attention reads a preallocated cache (:class:`SlotCache`): each row has its own length (``positions``),
 and the positions past it are masked.
@@ -48,8 +48,7 @@ def folded_cross_attention(q, k, v, enc_bias, scale: float | None, cross_query_r
     """q [rows, H, t, d]; k/v [enc_rows, H, src, d]; enc_bias [enc_rows, 1, 1, src]; the row maps above."""
     rows, heads, t, dim = q.shape
     enc_rows, fold = cross_query_rows.shape[0], cross_query_rows.shape[1]
-    padded = torch.cat([q, torch.zeros_like(q[:1])], dim=0)  # row `rows`: the query of an empty slot
-    qf = padded.index_select(0, cross_query_rows.reshape(-1))
+    qf = q.index_select(0, cross_query_rows.reshape(-1))  # an empty slot reads any row; its output is dropped
     qf = qf.reshape(enc_rows, fold, heads, t, dim).transpose(1, 2).reshape(enc_rows, heads, fold * t, dim)
     scores = _scores(qf, k, scale) + enc_bias
     out = torch.matmul(torch.softmax(scores, dim=-1), v)
@@ -77,29 +76,34 @@ class SlotCache:
     """
 
     def __init__(self, past_keys: list[torch.Tensor], past_values: list[torch.Tensor], beam_idx: torch.Tensor,
-                 positions: torch.Tensor, heads: int, new_len, dtype: torch.dtype):
+                 positions: torch.Tensor, heads: int, new_len, dtype: torch.dtype, past_position_bias=None,
+                 new_position_bias=None):
         self._past_k = [k.index_select(0, beam_idx) for k in past_keys]
         self._past_v = [v.index_select(0, beam_idx) for v in past_values]
         self.width = past_keys[0].shape[2]
-        self.positions = positions
+        rows = positions.shape[0]
         valid = torch.arange(self.width)[None, :] < positions[:, None]
-        self.past_bias = ((~valid).to(dtype) * torch.finfo(dtype).min)[:, None, None, :]  # [rows, 1, 1, width]
-        self.new_bias = causal_bias(new_len, dtype)  # [t, t]
+        past = ((~valid).to(dtype) * torch.finfo(dtype).min)[:, None, None, :]  # [rows, 1, 1, width]
+        new = causal_bias(new_len, dtype)[None, None]  # [1, 1, t, t]
+        if past_position_bias is not None:  # T5: [rows, H, t, width] and [1, H, t, t]
+            past, new = past + past_position_bias, new + new_position_bias
+        # One bias for all layers, over the past then the new keys (scores are concatenated the same way).
+        self.bias = torch.cat([past.expand(rows, -1, new_len, -1), new.expand(rows, -1, -1, -1)], dim=-1)
         self._heads = heads
         self._new_k: list[torch.Tensor] = []
         self._new_v: list[torch.Tensor] = []
 
-    def attend(self, layer: int, q, new_keys, new_values, scale: float | None, past_bias=None, new_bias=None):
+    def attend(self, layer: int, q, new_keys, new_values, scale: float | None):
         """Layer ``layer``'s attention of queries q [rows, H, t, d] over the row's past and the new
-        [rows, t, H*d] keys and values; ``past_bias``/``new_bias`` add position biases (T5)."""
+        [rows, t, H*d] keys and values."""
         k, v = split_heads(new_keys, self._heads), split_heads(new_values, self._heads)
         self._new_k.append(k)
         self._new_v.append(v)
-        past_scores = _scores(q, self._past_k[layer], scale) + self.past_bias
-        new_scores = _scores(q, k, scale) + self.new_bias
-        if past_bias is not None:
-            past_scores, new_scores = past_scores + past_bias, new_scores + new_bias
-        p = torch.softmax(torch.cat([past_scores, new_scores], dim=-1), dim=-1)
+        scores = torch.cat([torch.matmul(q, self._past_k[layer].transpose(-1, -2)), torch.matmul(q, k.transpose(-1, -2))],
+                           dim=-1)
+        if scale is not None:
+            scores = scores * scale  # scaled after the product, as transformers does
+        p = torch.softmax(scores + self.bias, dim=-1)
         return torch.matmul(p[..., : self.width], self._past_v[layer]) + torch.matmul(p[..., self.width :], v)
 
     def outputs(self) -> tuple[torch.Tensor, ...]:

@@ -49,18 +49,20 @@ class T5DecoderGraph(nn.Module):
         dec = self.decoder
         h = dec.embed_tokens(decoder_input_ids)
         new_len = decoder_input_ids.shape[1]
-        cache = A.SlotCache(past_keys, past_values, beam_idx, positions, self.heads, new_len, h.dtype)
         # Query i of row r sits at positions[r] + i; past key j at j; new key i' at positions[r] + i'.
+        width = past_keys[0].shape[2]
         queries = positions[:, None] + torch.arange(new_len)[None, :]
-        past_bias = self._bias(torch.arange(cache.width)[None, None, :] - queries[:, :, None]).permute(0, 3, 1, 2)
+        past_bias = self._bias(torch.arange(width)[None, None, :] - queries[:, :, None]).permute(0, 3, 1, 2)
         new_bias = self._bias(torch.arange(new_len)[None, :] - torch.arange(new_len)[:, None]).permute(2, 0, 1)[None]
+        cache = A.SlotCache(past_keys, past_values, beam_idx, positions, self.heads, new_len, h.dtype, past_bias,
+                            new_bias)
         enc_bias = A.mask_bias(encoder_attention_mask, h.dtype)
         for i, block in enumerate(dec.block):
             att_layer, cross_layer, ff_layer = block.layer[0], block.layer[1], block.layer[2]
             att = att_layer.SelfAttention
             n = att_layer.layer_norm(h)
             q = A.split_heads(att.q(n), self.heads)
-            h = h + att.o(A.merge_heads(cache.attend(i, q, att.k(n), att.v(n), None, past_bias, new_bias)))
+            h = h + att.o(A.merge_heads(cache.attend(i, q, att.k(n), att.v(n), None)))
             cross = cross_layer.EncDecAttention
             q = A.split_heads(cross.q(cross_layer.layer_norm(h)), self.heads)
             h = h + cross.o(A.merge_heads(A.folded_cross_attention(q, cross_keys[i], cross_values[i], enc_bias, None,

@@ -279,7 +279,7 @@ class DecodeEngine:
         positions = np.concatenate([np.full(d.rows, d.past_length, dtype=np.int64) for _, d in layout])
         beam_idx, row, fold = [], 0, max(d.beams for _, d in layout)
         enc_rows = self._batch.encoder_rows
-        slots = np.full((enc_rows, fold), len(tokens), dtype=np.int64)  # an empty slot: the zero query row
+        slots = np.zeros((enc_rows, fold), dtype=np.int64)  # an empty slot reads row 0; its result is dropped
         row_slots = np.empty(len(tokens), dtype=np.int64)
         for t, d in layout:
             source = np.arange(d.rows) if t._parents is None else t._parents

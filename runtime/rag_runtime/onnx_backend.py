@@ -24,7 +24,7 @@ from .sessions import _ort
 
 logger = logging.getLogger(__name__)
 
-CACHE_CHUNK = 16  # the slot buffers' length grows (and shrinks) in steps of this many positions
+CACHE_CHUNK = 8  # the slot buffers' length grows (and shrinks) in steps of this many positions
 
 
 class GraphIO:
@@ -91,7 +91,7 @@ class OnnxGenerator:
     def __init__(self, encoder, decoder, dims: DecoderDims, graphs: dict[str, GraphFile], head=None,
                  device: str = "cpu", scorer=None):
         self.encoder, self.decoder, self.head, self.scorer, self.dims = encoder, decoder, head, scorer, dims
-        self.vocab = int(dims.vocab)
+        self.vocab, self.device = int(dims.vocab), device
         self._device = _Device(device)
         layers = dims.layers
         enc = GraphIO(graphs[C.GENERATOR_ENCODER], C.GENERATOR_ENCODER, layers)
@@ -204,7 +204,7 @@ class OnnxGenerator:
         cross = [np.zeros((len(states), kv.shape[1], width, kv.shape[3]), dtype=kv.dtype) for kv in states[0].cross]
         mask = np.zeros((len(states), width), dtype=np.int64)
         ids = np.zeros((rows, length), dtype=np.int64)  # after a sequence's end: padding nobody reads
-        slots = np.full((len(states), fold), rows, dtype=np.int64)
+        slots = np.zeros((len(states), fold), dtype=np.int64)  # an empty slot reads row 0, unread
         row_slots = np.empty(rows, dtype=np.int64)
         at = 0
         for e, (state, seqs) in enumerate(zip(states, sequences, strict=True)):
@@ -268,8 +268,9 @@ class _Store:
     and only ever holds model outputs, so the positions a mask hides are finite (a NaN there would survive
     the mask)."""
 
-    def __init__(self, dtype):
+    def __init__(self, dtype, growth: list[int]):
         self.data = np.zeros(0, dtype)
+        self._growth = growth  # shared by a batch's stores: counts reallocations (views taken before go stale)
 
     def view(self, shape: tuple[int, ...], keep: int = 0) -> np.ndarray:
         """The first ``prod(shape)`` elements as an array of ``shape``, growing the memory if needed (its
@@ -279,6 +280,7 @@ class _Store:
             grown = np.zeros(max(size, 2 * self.data.size), self.data.dtype)
             grown[:keep] = self.data[:keep]
             self.data = grown
+            self._growth[0] += 1
         return self.data[:size].reshape(shape)
 
 
@@ -297,11 +299,15 @@ class DecodeBatch:
         d = gen.dims
         self._heads, self._dim = d.heads, d.head_dim
         n = len(gen.past_names)
-        self._cross = [_Store(gen.kv_dtype) for _ in range(n)]
-        self._mask = _Store(np.int64)
-        self._slots = [[_Store(gen.kv_dtype) for _ in range(n)] for _ in range(2)]
-        self._new = [_Store(gen.kv_dtype) for _ in range(n)]
-        self._logits = _Store(gen.logits_dtype)
+        self._growth = [0]
+        self._cross = [_Store(gen.kv_dtype, self._growth) for _ in range(n)]
+        self._mask = _Store(np.int64, self._growth)
+        self._slots = [[_Store(gen.kv_dtype, self._growth) for _ in range(n)] for _ in range(2)]
+        self._new = [_Store(gen.kv_dtype, self._growth) for _ in range(n)]
+        self._logits = _Store(gen.logits_dtype, self._growth)
+        # The decoder's bindings per layout (slot set, rows, lengths): a step whose shapes did not change binds
+        # only its token ids, positions and row maps (the buffers' own bindings are kept).
+        self._bound: dict[tuple, tuple] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -372,23 +378,56 @@ class DecodeBatch:
         gen, rows = self._gen, len(tokens)
         self._fit_cache(int(positions.max()) + 1)
         self._fit_cross()
-        length, past_rows = self.cache_length, max(self.rows, 1)
-        shape = (self._heads, length, self._dim)
-        past = [s.view((past_rows, *shape)) for s in self._slots[self._cur]]
-        present = [s.view((rows, *shape)) for s in self._slots[1 - self._cur]]
-        new = [s.view((rows, self._heads, 1, self._dim)) for s in self._new]
-        logits = self._logits.view((rows, 1, gen.vocab))
-        enc = self.encoder_rows
-        cross, mask = self._cross_views(enc, self.source_length)
-        feeds = {C.DECODER_INPUT_IDS: tokens.reshape(rows, 1), C.POSITIONS: positions, C.BEAM_IDX: beam_idx,
-                 C.CROSS_QUERY_ROWS: cross_query_rows, C.DECODER_SLOTS: decoder_slots,
-                 C.ENCODER_ATTENTION_MASK: mask, **dict(zip(gen.cross_names, cross, strict=True))}
-        gen.run_decoder(feeds, past, present, new, logits)
-        at = np.arange(rows)
-        for buf, kv in zip(present, new, strict=True):
-            buf[at, :, positions] = kv[:, :, 0]
+        small = {C.DECODER_INPUT_IDS: tokens.reshape(rows, 1), C.POSITIONS: positions, C.BEAM_IDX: beam_idx,
+                 C.CROSS_QUERY_ROWS: cross_query_rows, C.DECODER_SLOTS: decoder_slots}
+        if gen.device != "cpu":  # staged through the host (see OnnxGenerator)
+            present, new, logits = self._views(rows)[1:4]
+            gen.run_decoder({**small, **self._cross_feeds()}, self._views(rows)[0], present, new, logits)
+        else:
+            io, present, new, logits = self._binding(rows)
+            for name, array in small.items():
+                io.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+            gen.decoder.run_with_iobinding(io)
+        # The new keys and values at each row's position; rows of one question share it (basic slicing).
+        edges = np.flatnonzero(np.diff(positions)) + 1
+        for start, end in zip(np.r_[0, edges], np.r_[edges, rows], strict=True):
+            at = int(positions[start])
+            for buf, kv in zip(present, new, strict=True):
+                buf[start:end, :, at] = kv[start:end, :, 0]
         self._cur, self.rows = 1 - self._cur, rows
         return logits[:, 0]
+
+    def _views(self, rows: int):
+        """This call's past (read), present (written), new keys/values and logits arrays."""
+        length, past_rows = self.cache_length, max(self.rows, 1)
+        shape = (self._heads, length, self._dim)
+        return ([s.view((past_rows, *shape)) for s in self._slots[self._cur]],
+                [s.view((rows, *shape)) for s in self._slots[1 - self._cur]],
+                [s.view((rows, self._heads, 1, self._dim)) for s in self._new],
+                self._logits.view((rows, 1, self._gen.vocab)))
+
+    def _cross_feeds(self) -> dict:
+        cross, mask = self._cross_views(self.encoder_rows, self.source_length)
+        return {C.ENCODER_ATTENTION_MASK: mask, **dict(zip(self._gen.cross_names, cross, strict=True))}
+
+    def _binding(self, rows: int):
+        """The decoder's IOBinding for this call's layout, its buffers bound (kept while the layout lasts)."""
+        key = (self._cur, rows, max(self.rows, 1), self.cache_length, self.encoder_rows, self.source_length)
+        entry = self._bound.get(key)
+        if entry is None or entry[0] != self._growth[0]:
+            gen = self._gen
+            past, present, new, logits = self._views(rows)
+            io = gen.decoder.io_binding()
+            value = _ort().OrtValue.ortvalue_from_numpy
+            for name, array in (*zip(gen.past_names, past, strict=True), *self._cross_feeds().items()):
+                io.bind_ortvalue_input(name, value(array))
+            for name, array in ((C.LOGITS, logits), *zip(gen.present_names, present, strict=True),
+                                *zip(gen.new_names, new, strict=True)):
+                io.bind_ortvalue_output(name, value(array))
+            if len(self._bound) > 8:  # layouts come and go as questions join and leave
+                self._bound.clear()
+            entry = self._bound[key] = (self._growth[0], io, present, new, logits)
+        return entry[1:]
 
     def head(self, rows: slice) -> _Head:
         """The fused RAG-Token head over ``rows`` of the last call's logits."""
