@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-encoder", metavar="PATH_OR_ID", help="also export this DPR context encoder")
     p.add_argument("--no-index", dest="include_index", action="store_false",
                    help="do not export the checkpoint's knowledge index")
-    p.add_argument("--quantize", choices=["int8"], help="dynamic int8 weights for CPU (reports drift vs fp32)")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="dynamic int8 weights for CPU (reports drift vs fp32); the question encoder stays fp32")
+    p.add_argument("--quantize-retrieval", action="store_true",
+                   help="with --quantize int8: quantize the question and context encoders too (retrieves "
+                   "other passages than fp32 on some questions)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                    help="fp16: half-precision graphs for GPUs, LayerNorm/softmax/logits kept in fp32 "
                    "(reports drift vs fp32)")
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         export(args.model, args.output, force=args.force, opset=args.opset, validate=args.validate, atol=args.atol,
                rtol=args.rtol, strict=args.strict,
                context_encoder=args.context_encoder, include_index=args.include_index, quantize=args.quantize,
-               precision=args.precision, optimize=args.optimize)
+               precision=args.precision, optimize=args.optimize, quantize_retrieval=args.quantize_retrieval)
         return 0
 
     return run_command("rag-export", run)

@@ -45,6 +45,7 @@ def export(
     precision: str = "fp32",
     optimize: bool = False,
     external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    quantize_retrieval: bool = False,
 ) -> Path:
     """Export a RAG checkpoint into an artifact directory for ``rag_runtime``.
 
@@ -62,7 +63,8 @@ def export(
         context_encoder: Also export this DPR context encoder (hub id or directory).
         include_index: Export the checkpoint's custom knowledge base.
         quantize: ``"int8"``: dynamic int8 quantization of the graphs' weights (CPU). The fp32 graphs are
-            validated first; the int8 drift against PyTorch is measured and recorded, not enforced.
+            validated first; the int8 drift against PyTorch is measured and recorded, not enforced. The
+            question (and context) encoder stays fp32: int8 embeddings retrieve other passages.
         precision: ``"fp32"`` or ``"fp16"`` (for GPUs): fp16 weights and arithmetic, with LayerNorm,
             softmax and normalization statistics kept in fp32, the KV cache exchanged in fp16, and logits,
             embeddings and the RAG-Token head (the marginalization) in fp32. The fp32 graphs are validated
@@ -71,6 +73,7 @@ def export(
             add + LayerNorm and bias + GELU fusions) before validation, so what is validated is what ships.
         external_data_threshold: A graph whose weights exceed this many bytes keeps them in one external
             data file beside it (``NAME.onnx.data``): protobuf cannot hold a graph over 2 GiB.
+        quantize_retrieval: With ``quantize="int8"``, quantize the question and context encoders too.
 
     Returns:
         The output directory.
@@ -86,6 +89,8 @@ def export(
         raise ExportError(f"unsupported precision {precision!r}; supported are: {', '.join(PRECISIONS)}")
     if quantize and precision != "fp32":
         raise ExportError("--quantize int8 works on fp32 graphs; drop --precision fp16 (or the quantization)")
+    if quantize_retrieval and quantize != "int8":
+        raise ExportError("--quantize-retrieval goes with --quantize int8; add it (or drop --quantize-retrieval)")
     check_output_dir(output_dir, force)
     require("torch", "export", "rag-export")
     require("transformers", "export", "rag-export")
@@ -101,7 +106,8 @@ def export(
         manifest = export_checkpoint(ckpt, tmp, opset=opset, validate=validate, tol=Tolerance(atol, rtol, strict),
                                      context_encoder=context_encoder, include_index=include_index,
                                      reduced=quantize or (precision if precision != "fp32" else None),
-                                     optimize=optimize, external_data_threshold=external_data_threshold)
+                                     optimize=optimize, external_data_threshold=external_data_threshold,
+                                     quantize_retrieval=quantize_retrieval)
         manifest.save(tmp)
     from .summary import export_summary
 

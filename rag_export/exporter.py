@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 def export_checkpoint(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, tol: Tolerance,
                       context_encoder: str | None, include_index: bool, reduced: str | None,
-                      optimize: bool, external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD) -> Manifest:
+                      optimize: bool, external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+                      quantize_retrieval: bool = False) -> Manifest:
     """Write every graph, tokenizer and the index of ``ckpt`` into ``out``; return its manifest."""
     family = family_for(ckpt.model.generator.config)
     ctx = ExportContext(out=out, checkpoint=ckpt, family=family, dims=family.dims(ckpt.model.generator.config),
@@ -36,7 +37,7 @@ def export_checkpoint(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool
     logger.info("generator family %s: %d decoder layers, %d heads, vocabulary %d", family.name, ctx.dims.layers,
                 ctx.dims.heads, ctx.dims.vocab)
     entries = [e for e in GRAPHS if e.applies(ctx)]
-    validation = _build_graphs(ctx, entries, opset, validate, tol, optimize, reduced)
+    validation = _build_graphs(ctx, entries, opset, validate, tol, optimize, reduced, quantize_retrieval)
     with step(logger, "writing tokenizers"):
         tokenizers = _write_tokenizers(ctx)
     index = _export_index(ckpt, out) if include_index else None
@@ -52,7 +53,7 @@ def export_context_encoder_only(source: str, out: Path, *, opset: int, validate:
 
 
 def _build_graphs(ctx: ExportContext, entries: list[GraphEntry], opset: int, validate: bool, tol: Tolerance,
-                  optimize: bool, reduced: str | None) -> dict:
+                  optimize: bool, reduced: str | None, quantize_retrieval: bool = False) -> dict:
     """Trace, fuse, validate, reduce precision; returns the validation figures."""
     torch.manual_seed(0)
     modules = {}
@@ -74,12 +75,16 @@ def _build_graphs(ctx: ExportContext, entries: list[GraphEntry], opset: int, val
             validation = _validate(ctx, entries, modules, tol)
     if reduced:
         conversion, message = convert.REDUCED_PRECISIONS[reduced]
+        converted = [e for e in entries if not e.keep_fp32
+                     and not (e.retrieval and reduced == "int8" and not quantize_retrieval)]
+        kept = [e.spec.name for e in entries if e.retrieval and e not in converted]
+        if kept:
+            logger.info("keeping %s fp32 (int8 embeddings would change which passages are retrieved; "
+                        "--quantize-retrieval to quantize them too)", " and ".join(kept))
         with step(logger, message):
-            for entry in entries:
-                if not entry.keep_fp32:
-                    conversion(ctx.path(entry.spec), ctx.external_data_threshold)
-            reduced_entries = [e for e in entries if not e.keep_fp32]
-            validation[f"{reduced}_drift"] = _validate(ctx, reduced_entries, modules, MEASURE_ONLY)
+            for entry in converted:
+                conversion(ctx.path(entry.spec), ctx.external_data_threshold)
+            validation[f"{reduced}_drift"] = _validate(ctx, converted, modules, MEASURE_ONLY)
     return validation
 
 

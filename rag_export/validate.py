@@ -155,6 +155,27 @@ def validate_rag_token_head(path, vocab: int, tol: Tolerance) -> dict[str, dict]
                                        np.take_along_axis(acc, ref_ids, axis=1), tol)}
 
 
+def validate_beam_step(path, vocab: int, tol: Tolerance) -> dict[str, dict]:
+    """RAG-Sequence's beam step against the runtime's host path (numpy log_softmax, bans, top-k) on random
+    logits: the same candidates in the same order, scores within tolerance."""
+    groups, beams, keep = 3, 2, 4
+    rng = np.random.default_rng(6)
+    logits = rng.standard_normal((groups * beams, 1, vocab)).astype(np.float32) * 4
+    beam_scores = rng.standard_normal((groups, beams)).astype(np.float32)
+    acc = (log_softmax(logits[:, 0]).reshape(groups, beams, vocab) + beam_scores[:, :, None]).reshape(-1)
+    banned = np.argsort(-acc)[:3]  # ban the three best, so the ban is visible in the result
+    acc[banned] = -np.inf
+    acc = acc.reshape(groups, beams * vocab)
+    ref_ids = topk(acc, keep)
+    scores, ids = _session(path).run(None, {
+        C.LOGITS: logits, C.BEAM_SCORES: beam_scores, C.BANNED: banned.astype(np.int64),
+        C.TOP_K: np.array([keep], dtype=np.int64)})
+    if not np.array_equal(ids, ref_ids):
+        raise ValidationError(C.BEAM_STEP, C.TOP_IDS, f"ranks {ids.tolist()}, the host path {ref_ids.tolist()}")
+    return {C.TOP_SCORES: check_values(C.BEAM_STEP, C.TOP_SCORES, scores, np.take_along_axis(acc, ref_ids, axis=1),
+                                       tol)}
+
+
 def validate_sequence_scorer(path, vocab: int, tol: Tolerance) -> dict[str, dict]:
     """The scorer against numpy's log_softmax (what the runtime computes without it) on random logits."""
     rng = np.random.default_rng(5)

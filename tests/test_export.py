@@ -27,7 +27,8 @@ def test_export_layout_and_manifest(bundles, kind, generator):
     manifest = json.loads((out / C.MANIFEST_FILE).read_text())
     assert manifest["kind"] == kind and manifest["generator_type"] == generator
     expected = {"question_encoder", "generator_encoder", "generator_decoder", "context_encoder"}
-    assert set(manifest["graphs"]) == expected | ({"rag_token_head"} if kind == "token" else {"sequence_scorer"})
+    assert set(manifest["graphs"]) == expected | ({"rag_token_head"} if kind == "token"
+                                                 else {"sequence_scorer", "beam_step"})
     for rel, digest in manifest["files"].items():
         assert sha256_file(out / rel) == digest, rel
     for name, graph in manifest["graphs"].items():
@@ -51,8 +52,8 @@ def test_export_layout_and_manifest(bundles, kind, generator):
     for graph, outputs in manifest["validation"].items():
         for output, figures in outputs.items():
             assert figures["max_abs_diff"] <= figures["tolerance"], (graph, output, figures)
-    if kind == "token":
-        assert manifest["validation"]["rag_token_head"][C.TOP_SCORES]["max_abs_diff"] < 1e-3
+    head = C.RAG_TOKEN_HEAD if kind == "token" else C.BEAM_STEP
+    assert manifest["validation"][head][C.TOP_SCORES]["max_abs_diff"] < 1e-3
 
 
 @pytest.mark.parametrize(("kind", "generator"), COMBOS[:2], ids=[f"{k}-{g}" for k, g in COMBOS[:2]])
@@ -226,16 +227,32 @@ def test_int8_export_records_drift_and_serves(work_dir, tmp_path, questions):
     manifest = json.loads((out / C.MANIFEST_FILE).read_text())
     assert manifest["precision"] == "int8"
     drift = manifest["validation"]["int8_drift"]
-    # Quantized: measured for every converted graph (the context encoder too), never claimed identical.
-    assert set(drift) == {"question_encoder", "generator_encoder", "generator_decoder", "context_encoder"}
-    assert drift["question_encoder"]["question_embedding"]["max_abs_diff"] > 0
-    assert drift["context_encoder"]["passage_embedding"]["max_abs_diff"] > 0
-    fp32_size = (build_export(work_dir, "token", "bart") / C.GENERATOR_DECODER_FILE).stat().st_size
+    # Quantized: measured for every converted graph, never claimed identical; the question and context
+    # encoders stay fp32, so retrieval is the fp32 export's.
+    assert set(drift) == {"generator_encoder", "generator_decoder"}
+    for name in (C.QUESTION_ENCODER_FILE, C.CONTEXT_ENCODER_FILE):
+        assert not {"DynamicQuantizeLinear", "MatMulInteger"} & {n.op_type for n in onnx.load(str(out / name)).graph.node}
+    fp32 = build_export(work_dir, "token", "bart")
+    fp32_size = (fp32 / C.GENERATOR_DECODER_FILE).stat().st_size
     assert (out / C.GENERATOR_DECODER_FILE).stat().st_size < fp32_size
     ops = {n.op_type for n in onnx.load(str(out / C.GENERATOR_DECODER_FILE)).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
-    result = RagPipeline.load(out).generate(questions[:2], num_beams=2, max_length=8)
+    int8, reference = RagPipeline.load(out), RagPipeline.load(fp32)
+    result = int8.generate(questions[:2], num_beams=2, max_length=8)
     assert all(r.answers[0].token_ids for r in result)
+    assert [[d.id for d in r.docs] for r in result] == [[d.id for d in docs] for docs in reference.retrieve(questions[:2])]
+
+
+def test_int8_export_quantizes_the_retrieval_encoders_when_asked(work_dir, tmp_path):
+    ckpt = build_checkpoint(work_dir, "token", "bart")
+    out = export(str(ckpt), tmp_path / "int8", quantize="int8", quantize_retrieval=True,
+                 context_encoder=str(ckpt / "context_encoder"))
+    drift = json.loads((out / C.MANIFEST_FILE).read_text())["validation"]["int8_drift"]
+    assert set(drift) == {"question_encoder", "generator_encoder", "generator_decoder", "context_encoder"}
+    assert drift["question_encoder"]["question_embedding"]["max_abs_diff"] > 0
+    assert drift["context_encoder"]["passage_embedding"]["max_abs_diff"] > 0
+    with pytest.raises(ExportError, match="--quantize-retrieval goes with --quantize int8"):
+        export(str(ckpt), tmp_path / "q", quantize_retrieval=True)
 
 
 @pytest.mark.parametrize("generator", ["bart", "t5"])

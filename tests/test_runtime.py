@@ -175,6 +175,44 @@ def test_fused_rag_token_head_matches_the_host_path(bundles, questions, generato
 
 
 @pytest.mark.parametrize("generator", ["bart", "t5"])
+@pytest.mark.parametrize(("params", "fused_steps"), [
+    (dict(num_beams=3, max_length=12, min_length=6, no_repeat_ngram_size=2, num_return_sequences=2), True),
+    (dict(num_beams=2, max_length=10, repetition_penalty=1.5), False),  # rewrites whole rows: host path
+], ids=["bans", "repetition"])
+def test_rag_sequence_beam_step_matches_the_host_path(bundles, questions, generator, params, fused_steps):
+    """RAG-Sequence's per-passage beam search ranks candidates in the exported beam step (log-softmax,
+    bans, top-k on the device) exactly as the host path does from the step's logits."""
+    export = bundles[("sequence", generator)].export
+    timer = StageTimer()
+    fused, host = RagPipeline.load(export, timer=timer), RagPipeline.load(export, fused_head=False)
+    got, want = fused.generate(questions[:3], **params), host.generate(questions[:3], **params)
+    assert (timer.counts["onnxruntime/beam_step"] > 0) == fused_steps
+    for g, w in zip(got, want, strict=True):
+        assert [a.token_ids for a in g.answers] == [a.token_ids for a in w.answers]
+        np.testing.assert_allclose([a.score for a in g.answers], [a.score for a in w.answers], rtol=1e-5, atol=1e-5)
+    assert len({tuple(a.token_ids) for r in got for a in r.answers}) > 1, "degenerate answers prove nothing"
+
+
+def test_export_made_before_the_beam_step_still_answers(bundles, questions, tmp_path):
+    """A RAG-Sequence export without beam_step (as exported before it existed) loads and steps on the
+    host, with the same answers."""
+    src = bundles[("sequence", "bart")].export
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    manifest = json.loads((old / C.MANIFEST_FILE).read_text())
+    del manifest["graphs"][C.BEAM_STEP]
+    del manifest["files"][C.BEAM_STEP_FILE]
+    (old / C.BEAM_STEP_FILE).unlink()
+    (old / C.MANIFEST_FILE).write_text(json.dumps(manifest))
+    timer = StageTimer()
+    params = dict(num_beams=2, max_length=9, num_return_sequences=2)
+    got = RagPipeline.load(old, timer=timer).generate(questions[:2], **params)
+    want = RagPipeline.load(src).generate(questions[:2], **params)
+    assert "onnxruntime/beam_step" not in timer.counts and timer.counts["onnxruntime/generator_decoder"] > 0
+    assert [[a.token_ids for a in r.answers] for r in got] == [[a.token_ids for a in r.answers] for r in want]
+
+
+@pytest.mark.parametrize("generator", ["bart", "t5"])
 def test_sequence_scorer_matches_the_host_path(bundles, questions, generator):
     """RAG-Sequence rescoring through the exported scorer (label log-probs read off the device) ranks
     and scores like the host path that brings the logits back (exports made before the scorer)."""

@@ -1,11 +1,12 @@
-"""The fused RAG-Token head: one beam-search step's candidates from the decoder's logits.
+"""The fused heads: one beam-search step's candidates from the decoder's logits, on the device.
 
-Per (question, beam), the next-token distribution is marginalized over the passages
-(``log_softmax`` per passage row + the passage log-prior, ``logsumexp`` over passages), renormalized
-(transformers' beam search applies ``log_softmax`` to the marginalized scores), banned tokens set to
-``-inf``, the beam's running score added, and the ``top_k`` best (beam, token) pairs of each question
-returned. The decoder's ``[rows, vocab]`` logits never leave the device: only ``2 * beams`` scores and
-ids per question do. Everything here is float32 whatever the decoder's precision.
+RAG-Token: per (question, beam), the next-token distribution is marginalized over the passages,
+``p(y) = sum_d prior_d * softmax(logits_d)(y)``, renormalized (transformers' beam search applies
+``log_softmax`` to the marginalized log-probabilities), banned tokens set to ``-inf``, the beam's running
+score added, and the ``top_k`` best (beam, token) pairs of each question returned. The decoder's
+``[rows, vocab]`` logits never leave the device: only ``2 * beams`` scores and ids per question do.
+RAG-Sequence's per-passage beam search takes the same step without the marginalization (:class:`BeamStep`).
+Everything here is float32 whatever the decoder's precision.
 """
 
 from __future__ import annotations
@@ -41,15 +42,54 @@ class RagTokenHead(nn.Module):
     def forward(self, logits, doc_logprior, beam_scores, banned, top_k):
         batch, n_docs = doc_logprior.shape
         beams = beam_scores.shape[1]
-        last = logits[:, -1].float()
-        lp = torch.log_softmax(last.reshape(batch, n_docs, beams, -1), dim=-1) + doc_logprior[:, :, None, None]
-        # logsumexp over passages written out: onnxruntime's ReduceLogSumExp over a middle axis is several
-        # times slower than ReduceMax + ReduceSum, which have fast paths for it.
-        top = lp.amax(dim=1, keepdim=True)
-        marginal = ((lp - top).exp().sum(dim=1, keepdim=True).log() + top).squeeze(1)
-        acc = (torch.log_softmax(marginal, dim=-1) + beam_scores[:, :, None]).reshape(-1)
-        acc = acc.scatter(0, banned, torch.full_like(banned, 0, dtype=acc.dtype) - float("inf"))
-        return torch.topk(acc.reshape(batch, -1), top_k[0])
+        # One exponential per element (the softmax), then the passages' mixture as one batched product with
+        # their priors: transformers' logsumexp of (log_softmax + log-prior) over passages, written as the
+        # log of a weighted sum, which needs no second pass of exponentials. The priors are shifted by their
+        # largest (it cancels in the renormalization below).
+        probs = torch.softmax(logits[:, -1].float(), dim=-1).reshape(batch, n_docs, -1)
+        weights = (doc_logprior - doc_logprior.amax(dim=1, keepdim=True)).exp()[:, None, :]  # [batch, 1, n_docs]
+        mixture = torch.matmul(weights, probs).reshape(batch, beams, -1)
+        # log_softmax of the marginal: the log of the mixture over its own sum (no exponentials again).
+        lp = mixture.log() - mixture.sum(dim=-1, keepdim=True).log()
+        return _top(lp + beam_scores[:, :, None], banned, top_k)
+
+
+def _top(acc, banned, top_k):
+    """The ``top_k`` best of each item's [beams, vocab] scores ``acc``, ``banned`` (flat indices) excluded."""
+    batch = acc.shape[0]
+    flat = acc.reshape(-1)
+    flat = flat.scatter(0, banned, torch.full_like(banned, 0, dtype=flat.dtype) - float("inf"))
+    return torch.topk(flat.reshape(batch, -1), top_k[0])
+
+
+BEAM_STEP_SPEC = GraphSpec(
+    name=C.BEAM_STEP,
+    file=C.BEAM_STEP_FILE,
+    inputs={C.LOGITS: ["rows", "new_len", "vocab"], C.BEAM_SCORES: ["groups", "beams"], C.BANNED: ["n_banned"],
+            C.TOP_K: ["1"]},
+    outputs={C.TOP_SCORES: ["groups", "top_k"], C.TOP_IDS: ["groups", "top_k"]},
+    dtypes={C.BANNED: "int64", C.TOP_K: "int64", C.TOP_IDS: "int64"},
+)
+
+
+class BeamStep(nn.Module):
+    """One beam-search step of independent searches (RAG-Sequence: one per passage): logits
+    [groups*beams, t, vocab] (rows ordered (group, beam); the last position is used), beam_scores
+    [groups, beams], banned: flat indices into [groups, beams, vocab], top_k [1] -> top_scores
+    [groups, top_k], top_ids [groups, top_k] (beam * vocab + token): transformers' log_softmax, the
+    running scores added, the best ``top_k`` per group."""
+
+    def forward(self, logits, beam_scores, banned, top_k):
+        groups, beams = beam_scores.shape
+        lp = torch.log_softmax(logits[:, -1].float(), dim=-1).reshape(groups, beams, -1)
+        return _top(lp + beam_scores[:, :, None], banned, top_k)
+
+
+def beam_step_args(vocab: int) -> tuple[torch.Tensor, ...]:
+    """Sample inputs for tracing (3 groups of 2 beams)."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(6, 1, vocab, generator=g), torch.zeros(3, 2), torch.tensor([1, vocab + 2], dtype=torch.int64),
+            torch.tensor([4], dtype=torch.int64))
 
 
 def export_args(vocab: int) -> tuple[torch.Tensor, ...]:

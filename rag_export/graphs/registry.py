@@ -20,7 +20,16 @@ from ..onnx_files import DEFAULT_EXTERNAL_DATA_THRESHOLD
 from . import GraphSpec
 from .families import GeneratorFamily
 from .generator import DECODER_SPEC, ENCODER_SPEC, GeneratorEncoderGraph
-from .heads import RAG_TOKEN_HEAD_SPEC, SEQUENCE_SCORER_SPEC, RagTokenHead, SequenceScorer, scorer_export_args
+from .heads import (
+    BEAM_STEP_SPEC,
+    RAG_TOKEN_HEAD_SPEC,
+    SEQUENCE_SCORER_SPEC,
+    BeamStep,
+    RagTokenHead,
+    SequenceScorer,
+    beam_step_args,
+    scorer_export_args,
+)
 from .heads import export_args as head_export_args
 from .question_encoder import CONTEXT_ENCODER_SPEC, QUESTION_ENCODER_SPEC, DprEncoderGraph
 
@@ -83,6 +92,9 @@ class GraphEntry:
         optimizer: onnxruntime optimizer settings (model type, heads, hidden size), None to leave it as is.
         keep_fp32: Not converted by ``--precision fp16`` / ``--quantize int8`` (it has no weights, or its
             arithmetic must stay in fp32).
+        retrieval: Embeds text for the search (question or passage encoder): ``--quantize int8`` leaves it
+            fp32 unless asked (``quantize_retrieval``), since int8 embeddings change which passages are
+            retrieved, and it runs once per question, so int8 would buy almost nothing.
     """
 
     spec: GraphSpec
@@ -92,6 +104,7 @@ class GraphEntry:
     validate: Callable[[ExportContext, nn.Module, Tolerance], dict[str, dict]]
     optimizer: Callable[[ExportContext], tuple[str, int, int] | None] = lambda ctx: None
     keep_fp32: bool = False
+    retrieval: bool = False
 
 
 def sample_ids(vocab: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +143,7 @@ QUESTION_ENCODER = GraphEntry(
         C.QUESTION_ENCODER, ctx.path(QUESTION_ENCODER_SPEC), m, [C.QUESTION_EMBEDDING],
         ctx.question_encoder.config.vocab_size, tol),
     optimizer=lambda ctx: _bert_optimizer(ctx.question_encoder.config),
+    retrieval=True,
 )
 
 GENERATOR_ENCODER = GraphEntry(
@@ -170,6 +184,15 @@ SEQUENCE_SCORER = GraphEntry(
     keep_fp32=True,  # a log-softmax over the vocabulary
 )
 
+BEAM_STEP = GraphEntry(
+    spec=BEAM_STEP_SPEC,
+    applies=lambda ctx: ctx.checkpoint is not None and ctx.checkpoint.kind == "sequence",
+    module=lambda ctx: BeamStep(),
+    sample_inputs=lambda ctx, m: beam_step_args(ctx.dims.vocab),
+    validate=lambda ctx, m, tol: V.validate_beam_step(ctx.path(BEAM_STEP_SPEC), ctx.dims.vocab, tol),
+    keep_fp32=True,  # a log-softmax over the vocabulary
+)
+
 CONTEXT_ENCODER = GraphEntry(
     spec=CONTEXT_ENCODER_SPEC,
     applies=lambda ctx: ctx.context_encoder is not None,
@@ -178,8 +201,9 @@ CONTEXT_ENCODER = GraphEntry(
     validate=lambda ctx, m, tol: V.validate_encoder(
         C.CONTEXT_ENCODER, ctx.path(CONTEXT_ENCODER_SPEC), m, [C.PASSAGE_EMBEDDING],
         ctx.context_encoder.model.config.vocab_size, tol),
+    retrieval=True,
 )
 
 # Export order: the decoder's validation runs the exported encoder.
 GRAPHS: tuple[GraphEntry, ...] = (QUESTION_ENCODER, GENERATOR_ENCODER, GENERATOR_DECODER, RAG_TOKEN_HEAD,
-                                  SEQUENCE_SCORER, CONTEXT_ENCODER)
+                                  SEQUENCE_SCORER, BEAM_STEP, CONTEXT_ENCODER)

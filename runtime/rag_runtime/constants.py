@@ -16,6 +16,7 @@ GENERATOR_ENCODER = "generator_encoder"
 GENERATOR_DECODER = "generator_decoder"
 RAG_TOKEN_HEAD = "rag_token_head"
 SEQUENCE_SCORER = "sequence_scorer"
+BEAM_STEP = "beam_step"  # RAG-Sequence: one beam-search step per passage (absent in exports before it)
 CONTEXT_ENCODER = "context_encoder"
 
 # Tokenizers, as the manifest's ``tokenizers`` keys name them.
@@ -28,6 +29,7 @@ GENERATOR_DECODER_FILE = "generator_decoder.onnx"
 CONTEXT_ENCODER_FILE = "context_encoder.onnx"
 RAG_TOKEN_HEAD_FILE = "rag_token_head.onnx"
 SEQUENCE_SCORER_FILE = "sequence_scorer.onnx"
+BEAM_STEP_FILE = "beam_step.onnx"
 QUESTION_TOKENIZER_FILE = "tokenizers/question_encoder.json"
 GENERATOR_TOKENIZER_FILE = "tokenizers/generator.json"
 CONTEXT_TOKENIZER_FILE = "tokenizers/context_encoder.json"

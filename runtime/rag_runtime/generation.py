@@ -42,12 +42,14 @@ class AnswerGenerator:
     Attributes:
         kind: ``"token"`` (RAG-Token) or ``"sequence"`` (RAG-Sequence).
         backend: The onnxruntime generator (encoder, decoder, optional fused RAG-Token head and scorer).
-        fused_head: RAG-Token beam search ranks candidates in the head graph.
+        fused_head: Beam search ranks candidates in the export's head graph (RAG-Token head, RAG-Sequence
+            beam step) where it has one.
     """
 
     def __init__(self, kind: str, backend: OnnxGenerator, settings: RagSettings, defaults: GenerationDefaults,
                  tokenizer: TextTokenizer, fused_head: bool = True, timer: StageTimer | NullTimer | None = None):
-        self.kind, self.backend, self.fused_head = kind, backend, fused_head
+        self.kind, self.backend = kind, backend
+        self.fused_head = fused_head and backend.head is not None  # exports before the beam step lack it
         self._rag, self._defaults, self._tokenizer = settings, defaults, tokenizer
         self._timer = timer or NullTimer()
 
@@ -115,7 +117,7 @@ class AnswerGenerator:
                                          None))
                 continue
             decode = SequenceDecode(doc_scores[q, :used], opts.n_docs, start, proc, search, rescore,
-                                    opts.num_return_sequences, sampler)
+                                    opts.num_return_sequences, sampler, self.fused_head)
             rescored = _trimmed(ctx_ids[rows[:used]], ctx_mask[rows[:used]])
             if compatible:
                 generation = self._unmasked(ctx_ids[rows[: opts.n_docs]], reference_width)

@@ -160,12 +160,14 @@ class OnnxGenerator:
                     array[...] = value.numpy()
         return targets[C.LOGITS]
 
-    def run_head(self, logits: np.ndarray, doc_logprior: np.ndarray, beam_scores: np.ndarray, banned: np.ndarray,
-                 keep: int) -> tuple[np.ndarray, np.ndarray]:
-        """The fused RAG-Token head on logits the decoder wrote (rows of one or more questions)."""
+    def run_head(self, logits: np.ndarray, doc_logprior: np.ndarray | None, beam_scores: np.ndarray,
+                 banned: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+        """The fused head on logits the decoder wrote: the RAG-Token head (``doc_logprior`` given) or
+        RAG-Sequence's beam step (None), whichever graph this export has."""
         io = self.head.io_binding()
         io.bind_ortvalue_input(C.LOGITS, _value(logits, self._device))
-        io.bind_cpu_input(C.DOC_LOGPRIOR, np.ascontiguousarray(doc_logprior, dtype=np.float32))
+        if doc_logprior is not None:
+            io.bind_cpu_input(C.DOC_LOGPRIOR, np.ascontiguousarray(doc_logprior, dtype=np.float32))
         io.bind_cpu_input(C.BEAM_SCORES, np.ascontiguousarray(beam_scores, dtype=np.float32))
         io.bind_cpu_input(C.BANNED, np.ascontiguousarray(banned, dtype=np.int64))
         io.bind_cpu_input(C.TOP_K, np.array([keep], dtype=np.int64))
@@ -430,7 +432,7 @@ class DecodeBatch:
         return entry[1:]
 
     def head(self, rows: slice) -> _Head:
-        """The fused RAG-Token head over ``rows`` of the last call's logits."""
+        """The fused head over ``rows`` of the last call's logits."""
         return _Head(self._gen, self._logits.view((self.rows, 1, self._gen.vocab))[rows])
 
     def _fit_cache(self, length: int) -> None:
@@ -456,7 +458,8 @@ class DecodeBatch:
 
 
 class _Head:
-    """:class:`rag_runtime.decoding.rag.RagTokenHead` over one question's rows of the decoder's logits."""
+    """:class:`rag_runtime.decoding.rag.RagTokenHead` (or the beam step) over one question's rows of the
+    decoder's logits."""
 
     def __init__(self, gen: OnnxGenerator, logits: np.ndarray):
         self._gen, self._logits, self.vocab = gen, logits, gen.vocab

@@ -65,8 +65,9 @@ class RagPipeline:
             verify: Check every file against its sha256 in the manifest.
             nprobe: Inverted lists visited per query (IVF knowledge indexes).
             ef_search: Candidate list size (HNSW knowledge indexes).
-            fused_head: RAG-Token beam search runs the exported head graph, so only the best candidates
-                per step leave the device (False: the step's logits come back and the host ranks them).
+            fused_head: Beam search runs the exported head graph (RAG-Token's marginalization, RAG-Sequence's
+                per-passage step), so only the best candidates per step leave the device (False: the step's
+                logits come back and the host ranks them).
             sequence_scorer: RAG-Sequence rescoring reads the labels' log-probabilities off the exported
                 scorer graph (False: the logits come back and the host computes them, as for exports made
                 before the scorer).
@@ -105,7 +106,9 @@ class RagPipeline:
 
         q_tokenizer, g_tokenizer = tokenizer(C.QUESTION_TOKENIZER), tokenizer(C.GENERATOR_TOKENIZER)
         # The head runs between decoder steps: its idle threads must not spin on the decoder's cores.
-        head = session(C.RAG_TOKEN_HEAD, spinning=False) if manifest.kind == "token" and fused_head else None
+        # RAG-Sequence's per-passage beam step likewise (exports made before that graph step on the host).
+        head_graph = C.RAG_TOKEN_HEAD if manifest.kind == "token" else C.BEAM_STEP
+        head = session(head_graph, spinning=False) if fused_head and head_graph in manifest.graphs else None
         # RAG-Sequence rescoring reads label log-probs off the device; exports made before the scorer
         # graph existed compute them on the host.
         scorer = (session(C.SEQUENCE_SCORER, spinning=False)

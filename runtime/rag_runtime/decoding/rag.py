@@ -20,15 +20,17 @@ from .search import BeamSearch, GreedySearch, SearchSettings, host_candidates, l
 
 
 class RagTokenHead(Protocol):
-    """The fused RAG-Token head graph over one question's rows of the last decoder call (their logits
-    stay where the decoder wrote them)."""
+    """The fused head graph over one question's rows of the last decoder call (their logits stay where the
+    decoder wrote them): the RAG-Token head, or RAG-Sequence's per-passage beam step."""
 
     vocab: int
 
-    def __call__(self, doc_logprior: np.ndarray, beam_scores: np.ndarray, banned: np.ndarray,
+    def __call__(self, doc_logprior: np.ndarray | None, beam_scores: np.ndarray, banned: np.ndarray,
                  keep: int) -> tuple[np.ndarray, np.ndarray]:
-        """Marginalize over the passages and return the ``keep`` best (score, beam * vocab + token) of the
-        question, [1, keep] each; ``banned`` are flat indices into [beams, vocab] set to -inf first."""
+        """RAG-Token (``doc_logprior`` [1, n_docs]): marginalize over the passages and return the question's
+        ``keep`` best (score, beam * vocab + token), [1, keep] each. RAG-Sequence (None): each passage's
+        beams are a search of their own; [passages, keep] each. ``banned`` are flat indices into
+        [rows, vocab] set to -inf first."""
 
 
 def logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
@@ -196,12 +198,13 @@ class SequenceDecode(QuestionDecode):
 
     def __init__(self, doc_scores: np.ndarray, generation_docs: int, start_id: int, proc: P.ProcessorSettings,
                  search: SearchSettings, rescore: RescoreSettings, num_return_sequences: int,
-                 sampler: Sampler | None = None):
+                 sampler: Sampler | None = None, fused: bool = False):
         self.encoder_rows, self.beams = generation_docs, search.num_beams
         k = self.beams
         self.rows = generation_docs * k
         self._doc_scores = np.asarray(doc_scores, dtype=np.float32)
         self._proc, self._rescore, self._n, self._sampler = proc, rescore, num_return_sequences, sampler
+        self._fused = fused and sampler is None and k > 1
         per_doc = SearchSettings(k, k, search.length_penalty, search.early_stopping, search.pad_token_id,
                                  search.eos_token_ids)
         start = np.full((self.rows, 1), start_id, dtype=np.int64)
@@ -217,11 +220,19 @@ class SequenceDecode(QuestionDecode):
     def past_length(self) -> int:
         return self._search.sequences.shape[1] - 1
 
+    def wants_head(self) -> bool:
+        return self._fused and not P.has_dense(self._proc, self._search.sequences.shape[1])
+
     def advance(self, logits: np.ndarray | None, head: RagTokenHead | None = None) -> np.ndarray | None:
         search, seqs = self._search, self._search.sequences
         if isinstance(search, GreedySearch):
             search.advance(P.apply(self._proc, seqs, logits))
             parents = None
+        elif logits is None:
+            rows, tokens = P.bans(self._proc, seqs)
+            vocab = head.vocab
+            scores, ids = head(None, search.running_scores, rows * vocab + tokens, search.keep)
+            parents = search.advance(scores, ids // vocab, ids % vocab)
         else:
             candidates = host_candidates(lambda flat: logits, self._proc, self._sampler)
             parents = search.advance(*candidates(seqs, search.running_scores, search.keep))
