@@ -16,7 +16,7 @@ from conftest import ROOT
 
 RUNTIME = ROOT / "runtime" / "rag_runtime"
 EXPORTER = ROOT / "rag_export"
-SUPPORT = {"benchmarks", "tests", "conftest", "support"}
+SUPPORT = {"benchmarks", "tests", "conftest", "support", "rag_testing"}
 
 
 def _imports(package: Path) -> dict[str, set[str]]:
