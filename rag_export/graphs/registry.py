@@ -20,7 +20,13 @@ from ..onnx_files import DEFAULT_EXTERNAL_DATA_THRESHOLD
 from . import GraphSpec
 from .families import GeneratorFamily
 from .generator import DECODER_SPEC, ENCODER_SPEC, GeneratorEncoderGraph
-from .heads import RAG_TOKEN_HEAD_SPEC, SEQUENCE_SCORER_SPEC, RagTokenHead, SequenceScorer, scorer_export_args
+from .heads import (
+    RAG_TOKEN_HEAD_SPEC,
+    SEQUENCE_SCORER_SPEC,
+    RagTokenHeadGraph,
+    SequenceScorerGraph,
+    scorer_export_args,
+)
 from .heads import export_args as head_export_args
 from .question_encoder import CONTEXT_ENCODER_SPEC, QUESTION_ENCODER_SPEC, DprEncoderGraph
 
@@ -155,7 +161,7 @@ GENERATOR_DECODER = GraphEntry(
 RAG_TOKEN_HEAD = GraphEntry(
     spec=RAG_TOKEN_HEAD_SPEC,
     applies=lambda ctx: ctx.checkpoint is not None and ctx.checkpoint.kind == "token",
-    module=lambda ctx: RagTokenHead(),
+    module=lambda ctx: RagTokenHeadGraph(),
     sample_inputs=lambda ctx, m: head_export_args(ctx.dims.vocab),
     validate=lambda ctx, m, tol: V.validate_rag_token_head(ctx.path(RAG_TOKEN_HEAD_SPEC), ctx.dims.vocab, tol),
     keep_fp32=True,  # the marginalization: exponentials and sums over the vocabulary
@@ -164,7 +170,7 @@ RAG_TOKEN_HEAD = GraphEntry(
 SEQUENCE_SCORER = GraphEntry(
     spec=SEQUENCE_SCORER_SPEC,
     applies=lambda ctx: ctx.checkpoint is not None and ctx.checkpoint.kind == "sequence",
-    module=lambda ctx: SequenceScorer(),
+    module=lambda ctx: SequenceScorerGraph(),
     sample_inputs=lambda ctx, m: scorer_export_args(ctx.dims.vocab),
     validate=lambda ctx, m, tol: V.validate_sequence_scorer(ctx.path(SEQUENCE_SCORER_SPEC), ctx.dims.vocab, tol),
     keep_fp32=True,  # a log-softmax over the vocabulary
