@@ -152,7 +152,7 @@ class RuntimeSide:
         options = {"use_tf32": int(spec.tf32)} if spec.device == "cuda" else None
         self.spec, self.sync = spec, _sync(spec.device)
         self.pipe = RagPipeline.load(export_dir, device=spec.device, timer=StageTimer(), provider_options=options)
-        self.info = {"export": str(export_dir), "provider_options_asked": options, "graphs": self.pipe.timer.sessions,
+        self.info = {"export": str(export_dir), "provider_options_asked": options, "graphs": self.pipe.timer.session_reports,
                      "fp16_drift": _drift_summary(self.pipe.manifest.validation.get("fp16_drift", {}))}
 
     def run(self, ids, mask, scores, params) -> tuple[np.ndarray, float]:

@@ -36,7 +36,7 @@ def _matmul_graph(path: Path, weight: np.ndarray, rows: int) -> None:
 def gate(device: str) -> dict:
     import onnxruntime
 
-    from rag_runtime.sessions import create_session, describe
+    from rag_runtime.sessions import create_session, session_report
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((512, 1024), dtype=np.float32)
@@ -52,7 +52,7 @@ def gate(device: str) -> dict:
             session = create_session(path, device, provider_options=options)
             (got,) = session.run(None, {"a": a})
             error = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-            report["runs"][label] = {"relative_error": error, **describe(session)}
+            report["runs"][label] = {"relative_error": error, **session_report(session)}
     return report
 
 

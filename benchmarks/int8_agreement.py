@@ -23,7 +23,6 @@ Writes ``benchmarks/results/int8-agreement.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -40,6 +39,8 @@ import numpy as np
 from benchmarks import peers
 from benchmarks.device import N_DOCS, contexts
 from benchmarks.run import CACHE, QUESTIONS, RESULTS, _log, write_results
+from rag_testing.corpus import load_corpus
+from rag_testing.factory import make_checkpoint
 
 BENCH = CACHE / "int8-trained"
 TARGET_WORDS = 16  # longest target: answers stay well inside MAX_LENGTH
@@ -86,13 +87,6 @@ class Training:
                     encoder_ffn_dim=4 * self.d_model, decoder_ffn_dim=4 * self.d_model)
 
 
-def _factory():
-    spec = importlib.util.spec_from_file_location("make_tiny_rag", peers.ROOT / "scripts" / "make_tiny_rag.py")
-    factory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(factory)
-    return factory
-
-
 def first_clause(text: str) -> str:
     """The passage's opening up to its first clause or sentence end, at most ``TARGET_WORDS`` words:
     copying it needs the passage (not the question), and the stop at punctuation is a learnable,
@@ -126,8 +120,7 @@ def examples(ckpt: Path, seed: int, shuffled: float, short: float = 0.0, target=
     from rag_runtime.contexts import contextualize
 
     cfg = RagConfig.from_pretrained(ckpt)
-    factory = _factory()
-    passages = factory.load_corpus(factory.DEFAULT_CORPUS)
+    passages = load_corpus()
     questions = [q for q in QUESTIONS.read_text().splitlines() if q.strip()]
     prefix = getattr(cfg.generator, "prefix", None)
     rng = np.random.default_rng(seed)
@@ -304,11 +297,9 @@ def prepare(training: Training, root: Path | None = None) -> tuple[Path, dict[st
     record_file = base / "training.json"
     if not (record_file.exists() and json.loads(record_file.read_text())["settings"] == asdict(training)):
         shutil.rmtree(base, ignore_errors=True)
-        factory = _factory()
         _log(f"building the checkpoint in {base} (generator {training.generator_config()})")
-        factory.build(base / "checkpoint", "token", "bart", "tiny", factory.DEFAULT_CORPUS, seed=training.seed,
-                      n_passages=0, n_docs=N_DOCS, index_type="Flat",
-                      generator_config=training.generator_config())
+        make_checkpoint(base / "checkpoint", "token", "bart", seed=training.seed, n_docs=N_DOCS,
+                        generator_config=training.generator_config())
         _log(f"training for at most {training.steps} steps / {training.minutes} minutes")
         record = train(base / "checkpoint", training)
         for side, name in peers.RUNTIME_EXPORTS.items():
@@ -381,7 +372,7 @@ def pipeline_agreement(fp32, int8, questions: list[str]) -> dict:
 
 def reference_check(ckpt: Path, pipe, questions: list[str]) -> dict:
     """fp32 answers against transformers' generate on the trained checkpoint: the export is right."""
-    from benchmarks.reference import Reference
+    from rag_testing.reference import Reference
 
     want = Reference(str(ckpt)).generate_ids(questions, **PARAMS).numpy()
     got = pipe.generate(questions, **PARAMS)

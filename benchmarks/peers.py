@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.device import N_DOCS, ROOT, contexts
+from benchmarks.device import N_DOCS, contexts
 from benchmarks.run import (
     CACHE,
     QUESTIONS,
@@ -81,13 +81,10 @@ def prepare(workload: str) -> tuple[Path, dict[str, Path]]:
 def workload_passages(workload: str) -> list[dict]:
     """The passages ``benchmarks.run``'s knowledge base adds by joining two corpus passages (about 100 words:
     at base dims a context is about 145 tokens); None (the corpus as is) for a workload without them."""
-    import importlib.util
+    from rag_testing.corpus import load_corpus
 
-    spec = importlib.util.spec_from_file_location("make_tiny_rag", ROOT / "scripts" / "make_tiny_rag.py")
-    factory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(factory)
-    joined = factory.load_corpus(factory.DEFAULT_CORPUS, WORKLOADS[workload]["passages"])
-    return joined[len(factory.load_corpus(factory.DEFAULT_CORPUS)):] or None
+    joined = load_corpus(min_passages=WORKLOADS[workload]["passages"])
+    return joined[len(load_corpus()):] or None
 
 
 def _scratch_generator(ckpt: Path, scratch: Path) -> list[str]:

@@ -11,7 +11,6 @@ Both sides get the same questions and the same explicit generation parameters, w
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -75,12 +74,10 @@ def build_checkpoint(path: Path, workload: str, kind: str, generator: str, index
     """Build (once) a random-weight checkpoint of the workload's size (``index_type=None``: no knowledge base)."""
     if not (path / "config.json").exists():
         _log(f"building {workload} checkpoint (random weights) in {path}")
-        mod_spec = importlib.util.spec_from_file_location("make_tiny_rag", ROOT / "scripts" / "make_tiny_rag.py")
-        factory = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(factory)
+        from rag_testing.factory import make_checkpoint
+
         spec = WORKLOADS[workload]
-        factory.build(path, kind, generator, spec["size"], factory.DEFAULT_CORPUS, seed=0,
-                      n_passages=spec["passages"], n_docs=5, index_type=index_type)
+        make_checkpoint(path, kind, generator, size=spec["size"], n_passages=spec["passages"], index_type=index_type)
     return path
 
 
@@ -150,8 +147,8 @@ def measure(ckpt: Path, export_dir: Path, questions: list[str], batch: int, para
             rounds: int) -> dict:
     import torch
 
-    from benchmarks.reference import Reference
     from rag_runtime import RagPipeline, StageTimer
+    from rag_testing.reference import Reference
 
     torch.set_num_threads(threads or os.cpu_count())
     batches = [questions[i : i + batch] for i in range(0, len(questions) - batch + 1, batch)]
@@ -217,7 +214,7 @@ if {side!r} == "runtime":
     m = RagPipeline.load({str(export_dir)!r})
     run = lambda q: m.generate(q, **params)
 else:
-    from benchmarks.reference import Reference
+    from rag_testing.reference import Reference
     m = Reference({str(ckpt)!r})
     run = lambda q: m.generate_ids(q, **params)
 for i in range(0, len(qs), batch):

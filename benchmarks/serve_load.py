@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.run import QUESTIONS, RESULTS, WORKLOADS, host, prepare, write_results
-from benchmarks.serve_process import ServerProcess, metric
+from rag_testing.serve_process import ServerProcess, metric
 
 MODES = {"batching off": ["--scheduler", "request", "--max-batch-size", "1", "--max-wait-ms", "0"],
          "request-level": ["--scheduler", "request", "--max-batch-size", "8", "--max-wait-ms", "5"],

@@ -1,15 +1,15 @@
 """``export()``: checkpoint in, validated artifact directory out (written atomically).
 
-The export is a loop over the graph registry (:mod:`rag_export.graphs.registry`): trace each graph,
-optionally fuse, validate against PyTorch, optionally reduce precision and measure the drift; then
-tokenizers, the knowledge index and the manifest.
+This module checks the arguments, loads the checkpoint and stages the output directory;
+:mod:`rag_export.build` fills it: a loop over the graph registry (:mod:`rag_export.graphs.registry`) that
+traces each graph (:mod:`rag_export.tracing`), optionally fuses, validates against PyTorch, optionally
+reduces precision and measures the drift; then tokenizers, the knowledge index and the manifest.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +20,7 @@ from rag_runtime.progress import step
 
 from .errors import ExportError
 from .judge import DEFAULT_ATOL, DEFAULT_RTOL, Tolerance
-from .onnx_files import DEFAULT_EXTERNAL_DATA_THRESHOLD, place_graph, scratch_dir
+from .onnx_files import DEFAULT_EXTERNAL_DATA_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ def export(
     check_output_dir(output_dir, force)
     require("torch", "export", "rag-export")
     require("transformers", "export", "rag-export")
+    from .build import build_artifact
     from .checkpoint import Checkpoint, load_checkpoint
-    from .exporter import export_checkpoint
 
     if isinstance(model, Checkpoint):
         ckpt = model
@@ -103,11 +103,11 @@ def export(
         with step(logger, f"loading {model}"):
             ckpt = load_checkpoint(str(model))
     with staging_dir(output_dir) as tmp:
-        manifest = export_checkpoint(ckpt, tmp, opset=opset, validate=validate, tol=Tolerance(atol, rtol, strict),
-                                     context_encoder=context_encoder, include_index=include_index,
-                                     reduced=quantize or (precision if precision != "fp32" else None),
-                                     optimize=optimize, external_data_threshold=external_data_threshold,
-                                     quantize_retrieval=quantize_retrieval)
+        manifest = build_artifact(ckpt, tmp, opset=opset, validate=validate, tol=Tolerance(atol, rtol, strict),
+                                  context_encoder=context_encoder, include_index=include_index,
+                                  reduced=quantize or (precision if precision != "fp32" else None),
+                                  optimize=optimize, external_data_threshold=external_data_threshold,
+                                  quantize_retrieval=quantize_retrieval)
         manifest.save(tmp)
     from .summary import export_summary
 
@@ -124,11 +124,11 @@ def export_context_encoder(source: str, output_dir: str | Path, *, force: bool =
     output_dir = Path(output_dir)
     check_output_dir(output_dir, force)
     require("torch", "export", "rag-export-index context-encoder")
-    from .exporter import export_context_encoder_only
+    from .build import build_context_encoder_artifact
 
     with staging_dir(output_dir) as tmp:
-        export_context_encoder_only(source, tmp, opset=opset, validate=validate,
-                                    tol=Tolerance(atol, rtol, strict)).save(tmp)
+        build_context_encoder_artifact(source, tmp, opset=opset, validate=validate,
+                                       tol=Tolerance(atol, rtol, strict)).save(tmp)
     logger.info("wrote %s; next: rag-index build PASSAGES KB_DIR --context-encoder %s", output_dir, output_dir)
     return output_dir
 
@@ -145,40 +145,6 @@ def staging_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def trace(module, spec, args: tuple, out_dir: Path, opset: int,
-          external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD) -> Path:
-    """Trace ``module`` with ``args`` into ``out_dir / spec.file`` with the spec's names and dynamic axes;
-    weights beyond ``external_data_threshold`` bytes go to ``spec.file + ".data"`` (:mod:`rag_export.onnx_files`)."""
-    import torch
-
-    path = out_dir / spec.file
-    with scratch_dir(path) as scratch, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # Past 2 GiB the tracer writes every tensor to a file of its own beside the graph: hence a scratch
-        # directory, from which the graph is placed with at most one data file.
-        traced = scratch / path.name
-        torch.onnx.export(
-            module, args, str(traced), input_names=list(spec.inputs), output_names=list(spec.outputs),
-            dynamic_axes=spec.dynamic_axes(), opset_version=opset, dynamo=False, do_constant_folding=True,
-        )
-        _check_io_names(traced, spec)
-        place_graph(traced, path, external_data_threshold)
-    return path
-
-
-def _check_io_names(path: Path, spec) -> None:
-    """The tracer drops inputs the module never reads and names the rest positionally: a module that
-    ignores one input would get every later name wrong. Refuse that instead of writing a misnamed graph."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    got = [v.name for v in model.graph.input], [v.name for v in model.graph.output]
-    if got != (list(spec.inputs), list(spec.outputs)):
-        missing = [n for n in (*spec.inputs, *spec.outputs) if n not in (*got[0], *got[1])]
-        raise ExportError(f"the traced {spec.name} graph does not have the IO its spec declares (missing or "
-                          f"renamed: {', '.join(missing) or 'order differs'}): its module ignores an input")
 
 
 __all__ = ["DEFAULT_ATOL", "DEFAULT_OPSET", "DEFAULT_RTOL", "export", "export_context_encoder", "staging_dir"]

@@ -79,9 +79,11 @@ def validate_generator_decoder(encoder_path, decoder_path, generator, dims: Deco
     row's position."""
     enc, dec = _session(encoder_path), _session(decoder_path)
     ids, mask = _sample_ids(dims.vocab, 3, 11, seed=2)
-    cross = enc.run(None, {C.INPUT_IDS: ids.numpy(), C.ATTENTION_MASK: mask.numpy()})[1:]
     cross_names = C.per_layer(dims.layers, C.CROSS_KEYS, C.CROSS_VALUES)
     past_names = C.per_layer(dims.layers, C.PAST_KEYS, C.PAST_VALUES)
+    present_names = C.per_layer(dims.layers, C.PRESENT_KEYS, C.PRESENT_VALUES)
+    new_names = C.per_layer(dims.layers, C.NEW_KEYS, C.NEW_VALUES)
+    cross = enc.run(cross_names, {C.INPUT_IDS: ids.numpy(), C.ATTENTION_MASK: mask.numpy()})
     g = torch.Generator().manual_seed(3)
     first_rows, late_start = 2 * beams, 2
     dec_ids = torch.randint(5, max(6, min(dims.vocab, 30000)), (first_rows + 1, steps), generator=g)
@@ -111,14 +113,16 @@ def validate_generator_decoder(encoder_path, decoder_path, generator, dims: Deco
         if late:
             slots[2, 0] = first_rows
         decoder_slots = np.array([r for r in range(first_rows)] + ([2 * beams] if late else []), dtype=np.int64)
-        logits, *outs = dec.run(None, {
+        wanted = [C.LOGITS, *present_names, *new_names]
+        out = dict(zip(wanted, dec.run(wanted, {
             C.DECODER_INPUT_IDS: tokens, C.POSITIONS: positions, C.BEAM_IDX: beam_idx, C.CROSS_QUERY_ROWS: slots,
             C.DECODER_SLOTS: decoder_slots, C.ENCODER_ATTENTION_MASK: mask.numpy(),
-            **dict(zip(past_names, past, strict=True)), **dict(zip(cross_names, cross, strict=True))})
+            **dict(zip(past_names, past, strict=True)), **dict(zip(cross_names, cross, strict=True))}), strict=True))
+        logits = out[C.LOGITS]
         if logits.shape != (rows, 1, dims.vocab):
             raise ValidationError(C.GENERATOR_DECODER, f"{C.LOGITS}[step {t}]",
                                   f"has shape {logits.shape}, expected {(rows, 1, dims.vocab)}")
-        present, new = outs[: len(past_names)], outs[len(past_names) :]
+        present, new = [out[n] for n in present_names], [out[n] for n in new_names]
         for buf, kv in zip(present, new, strict=True):
             buf[np.arange(rows), :, positions] = kv[:, :, 0]
         past = present
@@ -146,7 +150,7 @@ def validate_rag_token_head(path, vocab: int, tol: Tolerance) -> dict[str, dict]
     acc[banned] = -np.inf
     acc = acc.reshape(batch, beams * vocab)
     ref_ids = topk(acc, keep)
-    scores, ids = _session(path).run(None, {
+    scores, ids = _session(path).run([C.TOP_SCORES, C.TOP_IDS], {
         C.LOGITS: logits, C.DOC_LOGPRIOR: prior, C.BEAM_SCORES: beam_scores, C.BANNED: banned.astype(np.int64),
         C.TOP_K: np.array([keep], dtype=np.int64)})
     if not np.array_equal(ids, ref_ids):
@@ -182,7 +186,7 @@ def validate_sequence_scorer(path, vocab: int, tol: Tolerance) -> dict[str, dict
     logits = (rng.standard_normal((4, 6, vocab)) * 4).astype(np.float32)
     labels = rng.integers(0, vocab, (4, 6)).astype(np.int64)
     lp = log_softmax(logits)
-    picked, sums = _session(path).run(None, {C.LOGITS: logits, C.LABELS: labels})
+    picked, sums = _session(path).run([C.LABEL_LOGPROBS, C.LOGPROB_SUMS], {C.LOGITS: logits, C.LABELS: labels})
     return {C.LABEL_LOGPROBS: check_values(C.SEQUENCE_SCORER, C.LABEL_LOGPROBS, picked,
                                            np.take_along_axis(lp, labels[:, :, None], axis=2)[:, :, 0], tol),
             C.LOGPROB_SUMS: check_values(C.SEQUENCE_SCORER, C.LOGPROB_SUMS, sums, lp.sum(axis=2), tol)}

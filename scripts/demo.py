@@ -19,8 +19,8 @@ def _normalized(text: str) -> str:
 
 
 def main(checkpoint: str, export_dir: str) -> int:
-    from benchmarks.reference import Reference
     from rag_runtime import RagPipeline, StageTimer
+    from rag_testing.reference import Reference
 
     pairs = [line.split("\t") for line in QUESTIONS.read_text(encoding="utf-8").splitlines() if line.strip()]
     questions = [q for q, _ in pairs][:SHOWN]

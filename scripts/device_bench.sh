@@ -32,7 +32,7 @@ for a in "$@"; do
   if [ "$a" = --rehearse ]; then rehearse=1; else args+=("$a"); fi
 done
 mkdir -p "$dir/parts" "$dir/cache"
-export PYTHONPATH=$repo/runtime:$repo${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
+export PYTHONPATH=$repo/runtime:$repo/testing:$repo${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
   TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 
 log() { echo "[device $(date +%T)] $*" >&2; }

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/train_demo.py demo_out/checkpoint   # once; demo-training.json marks it done
 
-It builds the checkpoint with ``make_tiny_rag.py`` (the bundled corpus, tiny tokenizers), with DPR
+It builds the checkpoint with :func:`rag_testing.factory.make_checkpoint` (the bundled corpus, tiny tokenizers), with DPR
 encoders of 256 dimensions (:data:`DPR_CONFIG`) and a BART generator of d_model 128
 (:data:`GENERATOR_CONFIG`), then:
 
@@ -41,15 +41,6 @@ RARE_PIECES = 0.10  # document frequency at most this: the pieces a bag-of-words
 MARKER = "demo-training.json"
 
 
-def _factory():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_tiny_rag", Path(__file__).with_name("make_tiny_rag.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def piece_document_frequency(tok, passages: list[dict]) -> Counter:
     """In how many passages each word piece occurs (passages tokenized as DPR embeds them)."""
     enc = tok([p["title"] for p in passages], [p["text"] for p in passages], truncation=True, max_length=512)
@@ -85,8 +76,10 @@ def fit_retriever(ckpt: Path, seed: int = 0) -> dict:
     """Both encoders as bag-of-words encoders; the knowledge base embedded again; returns a record."""
     from transformers import DPRContextEncoder, DPRQuestionEncoderTokenizerFast, RagTokenForGeneration
 
-    factory = _factory()
-    passages = factory.load_corpus(factory.DEFAULT_CORPUS)
+    from rag_testing.corpus import load_corpus
+    from rag_testing.factory import embed_knowledge
+
+    passages = load_corpus()
     tok = DPRQuestionEncoderTokenizerFast.from_pretrained(ckpt / "question_encoder_tokenizer")
     frequency = piece_document_frequency(tok, passages)
     rag = RagTokenForGeneration.from_pretrained(ckpt)
@@ -95,7 +88,7 @@ def fit_retriever(ckpt: Path, seed: int = 0) -> dict:
         bag_of_words(encoder, frequency, len(passages), tok.all_special_ids, seed)
     rag.save_pretrained(ckpt)
     context.save_pretrained(ckpt / "context_encoder")
-    factory.embed_knowledge(ckpt, passages, context, tok, "Flat")
+    embed_knowledge(ckpt, passages, context, tok, "Flat")
     kept = sum(1 for piece, n in frequency.items() if n <= RARE_PIECES * len(passages))
     return {"rare_pieces": kept, "pieces_seen": len(frequency), "max_document_frequency": RARE_PIECES}
 
@@ -109,6 +102,7 @@ def train(ckpt: Path, steps: int, minutes: float, seed: int = 0) -> dict:
     from transformers import RagTokenForGeneration
 
     from benchmarks.int8_agreement import Training, train_generator
+    from rag_testing.factory import make_checkpoint
 
     training = Training(d_model=GENERATOR_CONFIG["d_model"], layers=2, steps=steps, minutes=minutes, batch=8,
                         lr=2e-3, short=0.8, seed=seed, target="first_sentence")
@@ -117,9 +111,7 @@ def train(ckpt: Path, steps: int, minutes: float, seed: int = 0) -> dict:
         return json.loads(marker.read_text())
     t0 = time.perf_counter()
     shutil.rmtree(ckpt, ignore_errors=True)
-    factory = _factory()
-    factory.build(ckpt, "token", "bart", "tiny", factory.DEFAULT_CORPUS, seed=seed, n_passages=0, n_docs=5,
-                  index_type="Flat", generator_config=GENERATOR_CONFIG, dpr_config=DPR_CONFIG)
+    make_checkpoint(ckpt, "token", "bart", seed=seed, generator_config=GENERATOR_CONFIG, dpr_config=DPR_CONFIG)
     record = {"settings": asdict(training), "retriever": fit_retriever(ckpt, seed)}
     # One thread: on 2 cores shared with other jobs, two threads made each step 4x slower (0.8 against 0.2 s).
     threads = torch.get_num_threads()

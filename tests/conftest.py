@@ -6,23 +6,15 @@ the directory lacks them).
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from rag_testing.corpus import load_questions
+
 ROOT = Path(__file__).resolve().parents[1]
 COMBOS = [("token", "bart"), ("token", "t5"), ("sequence", "bart"), ("sequence", "t5")]
-
-
-def _factory():
-    spec = importlib.util.spec_from_file_location("make_tiny_rag", ROOT / "scripts" / "make_tiny_rag.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_tiny_rag"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +29,9 @@ def work_dir(tmp_path_factory) -> Path:
 def build_checkpoint(work_dir: Path, kind: str, generator: str) -> Path:
     path = work_dir / f"ckpt-{kind}-{generator}"
     if not (path / "config.json").exists():
-        factory = _factory()
-        factory.build(path, kind, generator, "tiny", factory.DEFAULT_CORPUS, seed=0, n_passages=0, n_docs=5,
-                      index_type="Flat")
+        from rag_testing.factory import make_checkpoint
+
+        make_checkpoint(path, kind, generator)
     return path
 
 
@@ -65,7 +57,7 @@ class Bundle:
     @property
     def reference(self):
         if self._reference is None:
-            from benchmarks.reference import Reference
+            from rag_testing.reference import Reference
 
             self._reference = Reference(str(self.checkpoint))
         return self._reference
@@ -86,8 +78,7 @@ def bundles(work_dir) -> dict[tuple[str, str], Bundle]:
 
 @pytest.fixture(scope="session")
 def questions() -> list[str]:
-    lines = (ROOT / "scripts" / "data" / "questions.txt").read_text().splitlines()
-    return [q for q in lines if q.strip()]
+    return load_questions()
 
 
 def pytest_collection_modifyitems(config, items):

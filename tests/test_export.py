@@ -310,8 +310,8 @@ def test_trace_refuses_a_module_that_ignores_an_input(tmp_path):
     """The tracer would drop the unread input and give its name to the next one: the export must refuse."""
     import torch
 
-    from rag_export.export import trace
     from rag_export.graphs import GraphSpec
+    from rag_export.tracing import trace
 
     class IgnoresFirst(torch.nn.Module):
         def forward(self, a, b, c):

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import _factory
 from support import assert_not_degenerate, reference_tokens, special_ids
 
 RTOL = 1e-4
@@ -59,17 +58,16 @@ class _Built:
     """A variant's checkpoint, its export (default validation), the reference and the pipeline, built once."""
 
     def __init__(self, work_dir: Path, name: str, kind: str):
-        from benchmarks.reference import Reference
         from rag_export import export
         from rag_runtime import RagPipeline
+        from rag_testing.factory import make_checkpoint
+        from rag_testing.reference import Reference
 
         v = VARIANTS[name]
         self.checkpoint = work_dir / f"family-{name}-{kind}"
         if not (self.checkpoint / "config.json").exists():
-            factory = _factory()
-            factory.build(self.checkpoint, kind, v.generator, "tiny", factory.DEFAULT_CORPUS, seed=0, n_passages=0,
-                          n_docs=5, index_type="Flat", generator_config=v.overrides,
-                          logits_bias_std=v.logits_bias_std)
+            make_checkpoint(self.checkpoint, kind, v.generator, generator_config=v.overrides,
+                            logits_bias_std=v.logits_bias_std)
         self.export = work_dir / f"family-export-{name}-{kind}"
         if not (self.export / "manifest.json").exists():
             export(str(self.checkpoint), self.export, force=True)
@@ -182,3 +180,13 @@ def test_optimized_family_matches_transformers(built, questions, tmp_path, name)
     assert_not_degenerate([r.sequences for r in ref], eos | {pad, b.pipeline.manifest.generation_defaults.decoder_start_token_id})
     for r, g in zip(ref, got, strict=True):
         assert [a.token_ids for a in g.answers] == [reference_tokens(row, eos, pad) for row in r.sequences]
+
+
+def test_the_factory_has_a_spec_for_every_registered_family():
+    """The checkpoint factory builds every family of the exporter's registry, and no other."""
+    from rag_export.graphs.families import family_names
+    from rag_testing.factory.families import SPECS, generator_spec
+
+    assert set(SPECS) == set(family_names())
+    with pytest.raises(ValueError, match="unknown generator 'prophetnet'; supported are: bart, t5"):
+        generator_spec("prophetnet")

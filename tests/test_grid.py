@@ -18,11 +18,10 @@ import numpy as np
 from hypothesis import HealthCheck, assume, example, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import _factory
 from rag_export.validate import DECODER_LOGITS
+from rag_testing.factory import generators, make_checkpoint
 from support import reference_tokens, spread_checkpoint
 
-FAMILIES = ("bart", "t5", "mbart", "marian", "pegasus")
 EXAMPLES = 10
 
 
@@ -32,7 +31,7 @@ class NearTie(UserWarning):
 
 @st.composite
 def cases(draw) -> dict:
-    generator, kind = draw(st.sampled_from(FAMILIES)), draw(st.sampled_from(["token", "sequence"]))
+    generator, kind = draw(st.sampled_from(generators())), draw(st.sampled_from(["token", "sequence"]))
     layers, heads = draw(st.integers(1, 2)), draw(st.sampled_from([2, 4]))
     d_model, ffn, tie = draw(st.sampled_from([32, 64])), draw(st.sampled_from([64, 128])), draw(st.booleans())
     if generator == "t5":
@@ -75,16 +74,14 @@ def test_random_checkpoints_export_and_answer_like_transformers(case, questions)
 
 
 def _checkpoint(tmp: Path, case: dict) -> Path:
-    ckpt, factory = tmp / "ckpt", _factory()
-    factory.build(ckpt, case["kind"], case["generator"], "tiny", factory.DEFAULT_CORPUS, seed=0, n_passages=0,
-                  n_docs=5, index_type="Flat", generator_config=case["config"])
+    ckpt = make_checkpoint(tmp / "ckpt", case["kind"], case["generator"], generator_config=case["config"])
     return ckpt if case["spread"] is None else spread_checkpoint(ckpt, tmp / "spread", case["spread"])
 
 
 def _compare(ckpt: Path, out: Path, case: dict, qs: list[str]) -> None:
-    from benchmarks.reference import Reference
     from rag_export import export
     from rag_runtime import RagPipeline
+    from rag_testing.reference import Reference
 
     export(str(ckpt), out)  # default validation: must pass for every sane or extreme checkpoint
     pipe = RagPipeline.load(out, threads=1)
@@ -113,7 +110,7 @@ def _compare(ckpt: Path, out: Path, case: dict, qs: list[str]) -> None:
 
 
 def _reference64(ckpt, case, qs):
-    from benchmarks.reference import Reference
+    from rag_testing.reference import Reference
 
     ref64 = Reference(str(ckpt))
     ref64.model.double()

@@ -94,7 +94,7 @@ def _reference(home: Path, standin: Path):
     from transformers import RagConfig, RagRetriever, RagTokenizer
     from transformers.models.rag.retrieval_rag import CustomHFIndex
 
-    from benchmarks.reference import Reference
+    from rag_testing.reference import Reference
 
     snapshot = str(_snapshot(home, HUB_ID))
     ds = datasets.Dataset.from_parquet(sorted(str(p) for p in standin.iterdir()))

@@ -261,3 +261,28 @@ def test_a_format_3_export_is_refused_with_re_export(bundles, tmp_path):
     (dst / C.MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"format version 3; this runtime reads 4 \(re-export"):
         RagPipeline.load(dst)
+
+
+@pytest.mark.parametrize(("graph", "edit", "match"), [
+    (C.GENERATOR_DECODER, ("inputs", "past_keys.1", "past_keys_1"), "the generator_decoder graph lacks past_keys.1 "),
+    (C.QUESTION_ENCODER, ("outputs", C.QUESTION_EMBEDDING, "pooled"), "the question_encoder graph lacks question_embedding "),
+    (C.RAG_TOKEN_HEAD, ("outputs", C.TOP_IDS, None), "the rag_token_head graph lacks top_ids "),
+    (C.GENERATOR_ENCODER, ("outputs", "cross_keys.1", "cross_keys.2"), "the generator_encoder graph lacks cross_keys.1 "),
+    (C.GENERATOR_ENCODER, ("outputs", "cross_values.1", ["cross_values.1", "cross_values.2"]),
+     "the generator_encoder graph declares cross_values for 3 layers, the decoder has 2"),
+], ids=["decoder-input", "question-encoder-output", "head-output", "layer-renamed", "extra-layer"])
+def test_graph_io_is_bound_by_the_names_the_manifest_declares(bundles, tmp_path, graph, edit, match):
+    """The runtime reads every graph's IO names from the manifest: one it binds and the manifest lacks is
+    refused on load, in one line naming the graph and the name."""
+    dst = tmp_path / "export"
+    shutil.copytree(bundles[("token", "bart")].export, dst)
+    manifest = json.loads((dst / C.MANIFEST_FILE).read_text())
+    side, name, new = edit
+    tensors = manifest["graphs"][graph][side]
+    at = next(i for i, t in enumerate(tensors) if t["name"] == name)
+    replacement = [] if new is None else [dict(tensors[at], name=n) for n in ([new] if isinstance(new, str) else new)]
+    tensors[at : at + 1] = replacement
+    (dst / C.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=match) as e:
+        RagPipeline.load(dst)
+    assert "\n" not in str(e.value) and str(e.value).endswith("re-export with this rag-export")

@@ -12,11 +12,11 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.serve_process import ServerProcess, metric
 from rag_runtime.options import OPTIONS
 from rag_runtime.serve.batcher import Batcher, BatchFailed
 from rag_runtime.serve.limits import ServeLimits
 from rag_runtime.serve.metrics import ServeMetrics
+from rag_testing.serve_process import ServerProcess, metric
 
 # Long enough (about a second on one core) for requests to pile up behind it.
 # At the service's default caps, long enough (about 1.8 s on the tiny model here; 120 tokens over 10 passages
@@ -362,9 +362,9 @@ def test_inference_fault_fails_that_batch_and_repeated_faults_make_it_unready(bu
 
     import uvicorn
 
-    from benchmarks.serve_process import free_port
     from rag_runtime import RagPipeline
     from rag_runtime.serve import create_app
+    from rag_testing.serve_process import free_port
 
     def load():  # a loader: the app takes a RagPipeline or a callable returning one
         return _FailingOn(RagPipeline.load(bundle.export, threads=1), "explode")

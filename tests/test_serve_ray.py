@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from benchmarks.serve_process import free_port
 from rag_runtime.serve.limits import ServeLimits
 from rag_runtime.serve.ray_app import APP_NAME, build_application
+from rag_testing.serve_process import free_port
 
 pytestmark = pytest.mark.ray
 

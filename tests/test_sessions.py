@@ -16,8 +16,8 @@ from rag_runtime.sessions import (
     create_session,
     cuda_library_problem,
     cuda_provider_options,
-    describe,
     providers_for,
+    session_report,
 )
 
 needs_cpu_build = pytest.mark.skipif(CUDA in onnxruntime.get_available_providers(),
@@ -89,8 +89,8 @@ def test_provider_options_are_refused_for_the_cpu(bundles):
 def test_the_timer_records_what_every_graph_was_granted(bundles):
     timer = StageTimer()
     pipe = RagPipeline.load(bundles[("token", "bart")].export, timer=timer)
-    assert set(timer.sessions) == set(pipe.manifest.graphs) - {C.CONTEXT_ENCODER}
-    for report in timer.sessions.values():
+    assert set(timer.session_reports) == set(pipe.manifest.graphs) - {C.CONTEXT_ENCODER}
+    for report in timer.session_reports.values():
         assert report["providers"] == ["CPUExecutionProvider"]
         assert "placement" not in report  # recorded on CUDA only
 
@@ -101,7 +101,7 @@ def test_placement_counts_nodes_per_provider(bundles):
     opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     session = onnxruntime.InferenceSession(str(export / "generator_decoder.onnx"), opts,
                                            providers=["CPUExecutionProvider"])
-    placement = describe(session)["placement"]
+    placement = session_report(session)["placement"]
     assert placement["memcpy_nodes"] == 0 and set(placement["nodes"]) == {"CPUExecutionProvider"}
     assert "MatMul" in placement["cpu_op_types"] and placement["nodes"]["CPUExecutionProvider"] > 10
 
@@ -115,7 +115,7 @@ def test_cuda_sessions_are_granted_with_tf32_off_unless_asked(work_dir):
     for asked, expected in ((None, "0"), ({"use_tf32": 1}, "1")):
         timer = StageTimer()
         RagPipeline.load(export, device="cuda", timer=timer, provider_options=asked)
-        for graph, report in timer.sessions.items():
+        for graph, report in timer.session_reports.items():
             assert report["providers"][0] == CUDA, graph
             assert report["provider_options"][CUDA]["use_tf32"] == expected, graph
             assert "placement" in report, graph

@@ -121,8 +121,8 @@ def test_widely_spread_checkpoint_exports_with_defaults(spread_bundle):
     dict(num_beams=1, max_length=9),
 ], ids=["beams", "processors", "greedy"])
 def test_widely_spread_checkpoint_answers_identically(spread_bundle, questions, params):
-    from benchmarks.reference import Reference
     from rag_runtime import RagPipeline
+    from rag_testing.reference import Reference
 
     _, ckpt, out = spread_bundle
     pipe = RagPipeline.load(out)

@@ -50,6 +50,11 @@ def _families() -> list[GeneratorFamily]:
     return [importlib.import_module(f"{__package__}.{name}").FAMILY for name in _FAMILY_MODULES]
 
 
+def family_names() -> tuple[str, ...]:
+    """Every family's name (the manifest's ``generator_type``), in registry order."""
+    return tuple(f.name for f in _families())
+
+
 def supported_model_types() -> tuple[str, ...]:
     """Every generator ``model_type`` a family covers, in registry order."""
     return tuple(t for f in _families() for t in f.model_types)

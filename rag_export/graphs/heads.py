@@ -33,7 +33,7 @@ RAG_TOKEN_HEAD_SPEC = GraphSpec(
 )
 
 
-class RagTokenHead(nn.Module):
+class RagTokenHeadGraph(nn.Module):
     """logits [batch*n_docs*beams, t, vocab] (rows ordered (question, passage, beam); the last position is
     used), doc_logprior [batch, n_docs], beam_scores [batch, beams], banned: flat indices into
     [batch, beams, vocab], top_k [1] -> top_scores [batch, top_k], top_ids [batch, top_k] (beam * vocab + token).
@@ -108,7 +108,7 @@ SEQUENCE_SCORER_SPEC = GraphSpec(
 )
 
 
-class SequenceScorer(nn.Module):
+class SequenceScorerGraph(nn.Module):
     """RAG-Sequence rescoring's per-token numbers from teacher-forced logits, so that only ``[rows, L]``
     values leave the device instead of ``[rows, L, vocab]`` logits: the log-probability of each label
     (``log_softmax(logits)[label]``) and the sum of all log-probabilities at each position (what label

@@ -24,9 +24,9 @@ from .heads import (
     BEAM_STEP_SPEC,
     RAG_TOKEN_HEAD_SPEC,
     SEQUENCE_SCORER_SPEC,
-    BeamStep,
-    RagTokenHead,
-    SequenceScorer,
+    BeamStepGraph,
+    RagTokenHeadGraph,
+    SequenceScorerGraph,
     beam_step_args,
     scorer_export_args,
 )
@@ -169,7 +169,7 @@ GENERATOR_DECODER = GraphEntry(
 RAG_TOKEN_HEAD = GraphEntry(
     spec=RAG_TOKEN_HEAD_SPEC,
     applies=lambda ctx: ctx.checkpoint is not None and ctx.checkpoint.kind == "token",
-    module=lambda ctx: RagTokenHead(),
+    module=lambda ctx: RagTokenHeadGraph(),
     sample_inputs=lambda ctx, m: head_export_args(ctx.dims.vocab),
     validate=lambda ctx, m, tol: V.validate_rag_token_head(ctx.path(RAG_TOKEN_HEAD_SPEC), ctx.dims.vocab, tol),
     keep_fp32=True,  # the marginalization: exponentials and sums over the vocabulary
@@ -178,7 +178,7 @@ RAG_TOKEN_HEAD = GraphEntry(
 SEQUENCE_SCORER = GraphEntry(
     spec=SEQUENCE_SCORER_SPEC,
     applies=lambda ctx: ctx.checkpoint is not None and ctx.checkpoint.kind == "sequence",
-    module=lambda ctx: SequenceScorer(),
+    module=lambda ctx: SequenceScorerGraph(),
     sample_inputs=lambda ctx, m: scorer_export_args(ctx.dims.vocab),
     validate=lambda ctx, m, tol: V.validate_sequence_scorer(ctx.path(SEQUENCE_SCORER_SPEC), ctx.dims.vocab, tol),
     keep_fp32=True,  # a log-softmax over the vocabulary
@@ -187,7 +187,7 @@ SEQUENCE_SCORER = GraphEntry(
 BEAM_STEP = GraphEntry(
     spec=BEAM_STEP_SPEC,
     applies=lambda ctx: ctx.checkpoint is not None and ctx.checkpoint.kind == "sequence",
-    module=lambda ctx: BeamStep(),
+    module=lambda ctx: BeamStepGraph(),
     sample_inputs=lambda ctx, m: beam_step_args(ctx.dims.vocab),
     validate=lambda ctx, m, tol: V.validate_beam_step(ctx.path(BEAM_STEP_SPEC), ctx.dims.vocab, tol),
     keep_fp32=True,  # a log-softmax over the vocabulary

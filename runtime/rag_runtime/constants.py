@@ -84,5 +84,6 @@ LOGPROB_SUMS = "logprob_sums"
 
 
 def per_layer(layers: int, *names: str) -> list[str]:
-    """The graph IO names of per-layer tensors: ``name.0`` ... ``name.{layers - 1}`` for each name in turn."""
+    """The graph IO names the exporter gives per-layer tensors: ``name.0`` ... ``name.{layers - 1}`` for each
+    name in turn (the runtime reads them from the manifest: :meth:`rag_runtime.graph_io.GraphIO.per_layer`)."""
     return [f"{name}.{i}" for name in names for i in range(layers)]

@@ -19,37 +19,12 @@ import numpy as np
 from . import constants as C
 from .artifact import DecoderDims, GraphFile
 from .decoding.search import log_softmax
-from .errors import ArtifactError
+from .graph_io import GraphIO
 from .sessions import _ort
 
 logger = logging.getLogger(__name__)
 
 CACHE_CHUNK = 8  # the slot buffers' length grows (and shrinks) in steps of this many positions
-
-
-class GraphIO:
-    """A graph's input and output names as the manifest declares them, per-layer ones by layer.
-
-    Raises:
-        ArtifactError: The graph lacks a name the runtime binds (an export of another layout).
-    """
-
-    def __init__(self, graph: GraphFile, name: str, layers: int):
-        self.name, self.layers = name, layers
-        self.inputs = [t.name for t in graph.inputs]
-        self.outputs = [t.name for t in graph.outputs]
-
-    def require(self, *names: str) -> None:
-        missing = [n for n in names if n not in self.inputs and n not in self.outputs]
-        if missing:
-            raise ArtifactError(f"the {self.name} graph lacks {', '.join(missing)} (declared: "
-                                f"{', '.join(self.inputs + self.outputs)}); re-export with this rag-export")
-
-    def per_layer(self, name: str) -> list[str]:
-        """``name.0`` ... ``name.{layers - 1}``, each checked to be declared."""
-        names = C.per_layer(self.layers, name)
-        self.require(*names)
-        return names
 
 
 @dataclass
@@ -83,7 +58,7 @@ class OnnxGenerator:
 
     Args:
         encoder, decoder, head, scorer: onnxruntime sessions (head: RAG-Token exports; scorer: RAG-Sequence).
-        graphs: The manifest's entries of those graphs (their IO names are bound as declared).
+        graphs: The manifest's entries of those graphs (their IO is bound by the names they declare).
         dims: The decoder's dimensions.
         device: ``"cpu"`` or ``"cuda"``.
     """
@@ -94,16 +69,22 @@ class OnnxGenerator:
         self.vocab, self.device = int(dims.vocab), device
         self._device = _Device(device)
         layers = dims.layers
-        enc = GraphIO(graphs[C.GENERATOR_ENCODER], C.GENERATOR_ENCODER, layers)
+        enc = GraphIO(C.GENERATOR_ENCODER, graphs[C.GENERATOR_ENCODER])
         enc.require(C.INPUT_IDS, C.ATTENTION_MASK)
-        self._encoder_cross = enc.per_layer(C.CROSS_KEYS) + enc.per_layer(C.CROSS_VALUES)
-        dec = self.io = GraphIO(graphs[C.GENERATOR_DECODER], C.GENERATOR_DECODER, layers)
+        self._encoder_cross = enc.per_layer(C.CROSS_KEYS, layers) + enc.per_layer(C.CROSS_VALUES, layers)
+        dec = GraphIO(C.GENERATOR_DECODER, graphs[C.GENERATOR_DECODER])
         dec.require(C.DECODER_INPUT_IDS, C.POSITIONS, C.BEAM_IDX, C.CROSS_QUERY_ROWS, C.DECODER_SLOTS,
                     C.ENCODER_ATTENTION_MASK, C.LOGITS)
-        self.cross_names = dec.per_layer(C.CROSS_KEYS) + dec.per_layer(C.CROSS_VALUES)
-        self.past_names = dec.per_layer(C.PAST_KEYS) + dec.per_layer(C.PAST_VALUES)
-        self.present_names = dec.per_layer(C.PRESENT_KEYS) + dec.per_layer(C.PRESENT_VALUES)
-        self.new_names = dec.per_layer(C.NEW_KEYS) + dec.per_layer(C.NEW_VALUES)
+        self.cross_names = dec.per_layer(C.CROSS_KEYS, layers) + dec.per_layer(C.CROSS_VALUES, layers)
+        self.past_names = dec.per_layer(C.PAST_KEYS, layers) + dec.per_layer(C.PAST_VALUES, layers)
+        self.present_names = dec.per_layer(C.PRESENT_KEYS, layers) + dec.per_layer(C.PRESENT_VALUES, layers)
+        self.new_names = dec.per_layer(C.NEW_KEYS, layers) + dec.per_layer(C.NEW_VALUES, layers)
+        if head is not None:
+            GraphIO(C.RAG_TOKEN_HEAD, graphs[C.RAG_TOKEN_HEAD]).require(
+                C.LOGITS, C.DOC_LOGPRIOR, C.BEAM_SCORES, C.BANNED, C.TOP_K, C.TOP_SCORES, C.TOP_IDS)
+        if scorer is not None:
+            GraphIO(C.SEQUENCE_SCORER, graphs[C.SEQUENCE_SCORER]).require(
+                C.LOGITS, C.LABELS, C.LABEL_LOGPROBS, C.LOGPROB_SUMS)
         self.kv_dtype = np.dtype(dims.kv_dtype)
         self.logits_dtype = np.dtype(graphs[C.GENERATOR_DECODER].dtype(C.LOGITS))
         self._idle: list[DecodeBatch] = []
@@ -117,7 +98,8 @@ class OnnxGenerator:
         for name in self._encoder_cross:
             io.bind_output(name, "cpu")
         self.encoder.run_with_iobinding(io)
-        return EncoderState([v.numpy() for v in io.get_outputs()], mask)
+        out = dict(zip(self._encoder_cross, io.get_outputs(), strict=True))  # in the order bound
+        return EncoderState([out[name].numpy() for name in self._encoder_cross], mask)
 
     def select(self, state: EncoderState, rows: np.ndarray) -> EncoderState:
         return EncoderState([kv[rows] for kv in state.cross], state.mask[rows])
@@ -153,7 +135,7 @@ class OnnxGenerator:
                 io.bind_output(name, "cpu")
         self.decoder.run_with_iobinding(io)
         if dev.name != "cpu" or any(a is None for a in targets.values()):
-            for (name, array), value in zip(targets.items(), io.get_outputs(), strict=True):
+            for (name, array), value in zip(targets.items(), io.get_outputs(), strict=True):  # in the order bound
                 if array is None:
                     targets[name] = value.numpy()
                 elif dev.name != "cpu":
@@ -174,8 +156,8 @@ class OnnxGenerator:
         io.bind_output(C.TOP_SCORES, "cpu")
         io.bind_output(C.TOP_IDS, "cpu")
         self.head.run_with_iobinding(io)
-        scores, ids = io.copy_outputs_to_cpu()
-        return scores, ids
+        out = dict(zip((C.TOP_SCORES, C.TOP_IDS), io.copy_outputs_to_cpu(), strict=True))  # in the order bound
+        return out[C.TOP_SCORES], out[C.TOP_IDS]
 
     def label_logprobs_many(self, requests: list[tuple[EncoderState, np.ndarray, np.ndarray]], max_tokens: int
                             ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -245,7 +227,8 @@ class OnnxGenerator:
             io.bind_output(C.LABEL_LOGPROBS, "cpu")
             io.bind_output(C.LOGPROB_SUMS, "cpu")
             self.scorer.run_with_iobinding(io)
-            picked, sums = io.copy_outputs_to_cpu()
+            out = dict(zip((C.LABEL_LOGPROBS, C.LOGPROB_SUMS), io.copy_outputs_to_cpu(), strict=True))
+            picked, sums = out[C.LABEL_LOGPROBS], out[C.LOGPROB_SUMS]
         splits = np.cumsum([len(q) for q in sequences])[:-1]
         return ([p[:, : q.shape[1]] for p, q in zip(np.split(picked, splits), sequences, strict=True)],
                 [s[:, : q.shape[1]] for s, q in zip(np.split(sums, splits), sequences, strict=True)])

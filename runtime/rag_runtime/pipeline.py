@@ -119,7 +119,7 @@ class RagPipeline:
                  if manifest.index else None)
         retriever = Retriever(index, root)
         pipe = cls(
-            manifest, device, QuestionEncoder(session(C.QUESTION_ENCODER), q_tokenizer), retriever,
+            manifest, device, QuestionEncoder(session(C.QUESTION_ENCODER), q_tokenizer, manifest.graph(C.QUESTION_ENCODER)), retriever,
             Contextualizer(manifest.rag, q_tokenizer, g_tokenizer, retriever),
             AnswerGenerator(manifest.kind, backend, manifest.rag, manifest.generation_defaults, g_tokenizer,
                             fused_head=fused_head, timer=clock),

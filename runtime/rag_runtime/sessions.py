@@ -112,7 +112,7 @@ def create_session(path: Path, device: str, threads: int | None = None, spinning
         raise ArtifactError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from e
     if device == "cuda":
         require_granted(session, Path(path).name)
-        report = describe(session)
+        report = session_report(session)
         logger.info("%s on %s: %s", Path(path).name, ", ".join(report["providers"]), report.get("placement"))
     return session
 
@@ -154,7 +154,7 @@ def cuda_library_problem(provider_library: Path | None = None) -> str:
             "for CUDA 13 (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
 
 
-def describe(session) -> dict:
+def session_report(session) -> dict:
     """What onnxruntime made of a session: the providers granted, their options, and (for sessions made
     with placement recording, i.e. on CUDA) how many nodes each provider runs, how many copy nodes
     (``Memcpy*``) sit between them and which op types were left on the CPU."""
@@ -180,5 +180,5 @@ def describe(session) -> dict:
     return report
 
 
-__all__ = ["CUDA_DEFAULTS", "DEVICES", "create_session", "cuda_library_problem", "cuda_provider_options", "describe",
-           "providers_for", "require_granted"]
+__all__ = ["CUDA_DEFAULTS", "DEVICES", "create_session", "cuda_library_problem", "cuda_provider_options",
+           "providers_for", "require_granted", "session_report"]

@@ -7,7 +7,7 @@ import time
 from collections import defaultdict
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
-from .sessions import describe
+from .sessions import session_report
 
 
 class StageTimer:
@@ -19,8 +19,8 @@ class StageTimer:
         counts: Times each name ran (for a graph: its calls) since the last :meth:`reset`.
         values: Quantities the stages report with :meth:`add` (the engine: ``decode/rows`` per step summed,
             ``rescore/positions``, ``generator_encode/rows``, ...).
-        sessions: Per graph of the pipelines it timed, what onnxruntime granted its session: providers, their
-            options and, on CUDA, node placement (:func:`rag_runtime.sessions.describe`).
+        session_reports: Per graph of the pipelines it timed, what onnxruntime granted its session: providers, their
+            options and, on CUDA, node placement (:func:`rag_runtime.sessions.session_report`).
     """
 
     enabled = True
@@ -29,7 +29,7 @@ class StageTimer:
         self.totals: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self.values: dict[str, float] = defaultdict(float)
-        self.sessions: dict[str, dict] = {}
+        self.session_reports: dict[str, dict] = {}
         self._stack: list[str] = []
 
     def reset(self) -> None:
@@ -75,7 +75,7 @@ class TimedSession:
 
     def __init__(self, session, timer: StageTimer, graph: str):
         self._session, self._timer, self._stage = session, timer, f"onnxruntime/{graph}"
-        timer.sessions[graph] = describe(session)
+        timer.session_reports[graph] = session_report(session)
 
     def _timed(self, run, *args, **kwargs):
         outer = self._timer.current

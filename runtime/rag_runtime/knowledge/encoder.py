@@ -10,6 +10,7 @@ from .. import constants as C
 from ..artifact import Manifest
 from ..errors import ArtifactError
 from ..files import sha256_file
+from ..graph_io import GraphIO
 from ..sessions import create_session
 from ..tokenization import TextTokenizer
 
@@ -35,14 +36,16 @@ class ContextEncoder:
         digest = sha256_file(path)
         if digest != graph.sha256:
             raise ArtifactError(f"{path} does not match its sha256 in the manifest: corrupted or replaced")
+        self._io = GraphIO(C.CONTEXT_ENCODER, graph)
+        self._io.require(C.INPUT_IDS, C.ATTENTION_MASK, C.PASSAGE_EMBEDDING)
         self.session = create_session(path, device, threads)
         self.tokenizer = TextTokenizer(root / tok.file, tok)
-        self.dim = int(self.session.get_outputs()[0].shape[-1])
+        self.dim = int(next(o.shape[-1] for o in self.session.get_outputs() if o.name == C.PASSAGE_EMBEDDING))
         self.identity = {"source": manifest.context_encoder_source or manifest.source,
                          "sha256": digest, "dim": self.dim}
 
     def embed(self, titles: list[str], texts: list[str]) -> np.ndarray:
         ids, mask = self.tokenizer.encode(list(zip(titles, texts, strict=True)),
                                           max_length=self.tokenizer.model_max_length)
-        (out,) = self.session.run(None, {C.INPUT_IDS: ids, C.ATTENTION_MASK: mask})
-        return out.astype(np.float32, copy=False)
+        out = self._io.run(self.session, {C.INPUT_IDS: ids, C.ATTENTION_MASK: mask}, [C.PASSAGE_EMBEDDING])
+        return out[C.PASSAGE_EMBEDDING].astype(np.float32, copy=False)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import os
 import sys
 
 from ..commands import run_command
-from ..errors import IndexUnavailableError, InvalidOptionError, RagError, require
 from .limits import SCHEDULERS, ServeLimits
+from .startup import ServerSettings, api_key_from_env, check_servable, require_serving, serve_uvicorn
 
 logger = logging.getLogger("rag_runtime.serve")
 _LIMIT_OPTIONS = {
@@ -62,63 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _api_key(var: str | None) -> str | None:
-    if var is None:
-        return None
-    key = os.environ.get(var)
-    if not key:
-        raise InvalidOptionError(f"--api-key-env {var}: the environment variable is not set or empty")
-    return key
-
-
-def _import_serving() -> None:
-    for module in ("fastapi", "prometheus_client", "uvicorn"):
-        require(module, "serve", "rag-serve")
-
-
-def _serve_uvicorn(args: argparse.Namespace, limits: ServeLimits, api_key: str | None) -> int:
-    import uvicorn
-
-    from ..pipeline import RagPipeline
-    from .app import create_app
-
-    class DrainingServer(uvicorn.Server):
-        """On SIGTERM/SIGINT: readiness 503, queued and in-flight requests answered, then uvicorn stops."""
-
-        async def serve(self, sockets=None) -> None:
-            self._loop = asyncio.get_running_loop()
-            await super().serve(sockets)
-
-        def handle_exit(self, sig, frame) -> None:
-            # Not recording the signal: uvicorn would re-raise it after shutdown and the exit status would
-            # say "killed" instead of 0.
-            if self.should_exit or getattr(self, "_draining", False):
-                self.should_exit = self.force_exit = True
-                return
-            self._draining = True
-            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
-
-        async def _drain(self) -> None:
-            await app.state.service.drain(limits.drain_timeout_s)
-            self.should_exit = True
-
-    def load() -> RagPipeline:
-        return RagPipeline.load(args.export, device=args.device, threads=args.threads)
-
-    def stop() -> None:
-        server.should_exit = True
-
-    app = create_app(load, limits, api_key=api_key, on_fatal=stop)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=limits.drain_timeout_s, lifespan="on")
-    server = DrainingServer(config)
-    server.run()
-    error = app.state.service.fatal_error
-    if isinstance(error, RagError):
-        raise error
-    return 1 if error is not None or not server.started else 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rag-serve``; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -127,31 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     return run_command("rag-serve", lambda: _serve(args))
 
 
-def check_servable(export: str) -> None:
-    """Refuse, before anything starts, an export the service could not answer from: rag-serve answers
-    questions by retrieval, so the export needs a knowledge index."""
-    from ..artifact import Manifest
-
-    if not os.path.isdir(export):
-        raise InvalidOptionError(f"{export} is not a directory (expected the output of rag-export)")
-    if Manifest.load(export, verify=False).index is None:
-        raise IndexUnavailableError(
-            f"{export} has no knowledge index and rag-serve answers questions by retrieval, so it does not start: "
-            f"build an index and attach it (rag-index build ...; rag-index attach {export} INDEX_DIR; the export's "
-            f"last lines and the README's 'From the hub' give the steps); meanwhile rag-generate {export} "
-            "QUESTION --passages FILE answers from passages you give")
-
-
 def _serve(args: argparse.Namespace) -> int:
     limits = ServeLimits(**{name: getattr(args, name) for name in _LIMIT_OPTIONS})
-    api_key = _api_key(args.api_key_env)
-    _import_serving()
+    settings = ServerSettings(args.export, host=args.host, port=args.port, device=args.device,
+                              threads=args.threads, api_key=api_key_from_env(args.api_key_env))
+    require_serving()
     check_servable(args.export)
     if args.ray:
-        from .ray_app import run_local
+        from .ray_app import RayScaling, run_local
 
-        return run_local(args, limits, api_key)
-    return _serve_uvicorn(args, limits, api_key)
+        return run_local(settings, limits, RayScaling(replicas=args.replicas, max_replicas=args.max_replicas,
+                                                    target_ongoing_requests=args.target_ongoing_requests,
+                                                    replica_cpus=args.replica_cpus))
+    return serve_uvicorn(settings, limits)
 
 
 if __name__ == "__main__":

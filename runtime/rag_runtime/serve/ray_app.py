@@ -6,16 +6,34 @@ Local: ``rag-serve OUT/ --ray --replicas N``. Cluster: ``serve deploy`` a config
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import threading
+from dataclasses import asdict, dataclass
 
 from ..errors import require
 from .limits import ServeLimits
+from .startup import ServerSettings, api_key_from_env, check_servable
 
 logger = logging.getLogger("rag_runtime.serve")
 APP_NAME = "rag"
+
+
+@dataclass(frozen=True)
+class RayScaling:
+    """How many replicas Ray Serve runs (the keywords of :func:`build_application` of the same names).
+
+    Attributes:
+        replicas: Replicas to start (the autoscaling minimum when ``max_replicas`` is set).
+        max_replicas: Enables autoscaling between ``replicas`` and this.
+        target_ongoing_requests: Autoscaling target of requests in progress per replica.
+        replica_cpus: CPUs Ray reserves per replica.
+    """
+
+    replicas: int = 1
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 4.0
+    replica_cpus: float = 1.0
 
 
 def _import_ray():
@@ -45,7 +63,6 @@ def build_application(export: str, limits: ServeLimits | None = None, *, api_key
     _, serve = _import_ray()
     from ..pipeline import RagPipeline
     from .app import create_app
-    from .cli import check_servable
 
     check_servable(export)
 
@@ -87,13 +104,11 @@ def app_builder(args: dict):
     limits = ServeLimits(**args.pop("limits", {}))
     key_var = args.pop("api_key_env", None)
     if key_var:
-        from .cli import _api_key
-
-        args["api_key"] = _api_key(key_var)
+        args["api_key"] = api_key_from_env(key_var)
     return build_application(args.pop("export"), limits, **args)
 
 
-def run_local(args: argparse.Namespace, limits: ServeLimits, api_key: str | None) -> int:
+def run_local(settings: ServerSettings, limits: ServeLimits, scaling: RayScaling) -> int:
     """``rag-serve OUT --ray``: start a local Ray, serve until SIGTERM/SIGINT, then shut everything down."""
     ray, serve = _import_ray()
     stop = threading.Event()
@@ -102,14 +117,12 @@ def run_local(args: argparse.Namespace, limits: ServeLimits, api_key: str | None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        application = build_application(args.export, limits, api_key=api_key, device=args.device,
-                                        threads=args.threads, replicas=args.replicas,
-                                        max_replicas=args.max_replicas,
-                                        target_ongoing_requests=args.target_ongoing_requests,
-                                        replica_cpus=args.replica_cpus)
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        application = build_application(settings.export, limits, api_key=settings.api_key, device=settings.device,
+                                        threads=settings.threads, **asdict(scaling))
         serve.run(application, name=APP_NAME, route_prefix="/")
-        logger.info("Ray Serve answering on http://%s:%d with %d replica(s)", args.host, args.port, args.replicas)
+        logger.info("Ray Serve answering on http://%s:%d with %d replica(s)", settings.host, settings.port,
+                    scaling.replicas)
         stop.wait()
         logger.info("shutting down Ray Serve (replicas drain for up to %.0f s)", limits.drain_timeout_s)
         serve.shutdown()

@@ -1,4 +1,6 @@
-"""The export loop over the graph registry (needs torch; :func:`rag_export.export` is the entry point)."""
+"""What an export directory holds, built into a staging directory: every graph of the registry (traced,
+fused, validated, reduced), the tokenizers, the index and the manifest. Needs torch; :func:`rag_export.export`
+is the entry point."""
 
 from __future__ import annotations
 
@@ -14,21 +16,21 @@ from rag_runtime.progress import step
 from . import convert
 from .checkpoint import Checkpoint
 from .errors import ExportError
-from .export import trace
 from .graphs.families import family_for
 from .graphs.registry import GRAPHS, ContextEncoderSource, ExportContext, GraphEntry
 from .hub import resolve
 from .judge import MEASURE_ONLY, Tolerance
 from .manifest import build_manifest, tokenizer_entry
 from .onnx_files import DEFAULT_EXTERNAL_DATA_THRESHOLD
+from .tracing import trace
 
 logger = logging.getLogger(__name__)
 
 
-def export_checkpoint(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, tol: Tolerance,
-                      context_encoder: str | None, include_index: bool, reduced: str | None,
-                      optimize: bool, external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
-                      quantize_retrieval: bool = False) -> Manifest:
+def build_artifact(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool, tol: Tolerance,
+                   context_encoder: str | None, include_index: bool, reduced: str | None,
+                   optimize: bool, external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+                   quantize_retrieval: bool = False) -> Manifest:
     """Write every graph, tokenizer and the index of ``ckpt`` into ``out``; return its manifest."""
     family = family_for(ckpt.model.generator.config)
     ctx = ExportContext(out=out, checkpoint=ckpt, family=family, dims=family.dims(ckpt.model.generator.config),
@@ -45,7 +47,9 @@ def export_checkpoint(ckpt: Checkpoint, out: Path, *, opset: int, validate: bool
                           optimized=optimize, validation=validation, index=index)
 
 
-def export_context_encoder_only(source: str, out: Path, *, opset: int, validate: bool, tol: Tolerance) -> Manifest:
+def build_context_encoder_artifact(source: str, out: Path, *, opset: int, validate: bool,
+                                   tol: Tolerance) -> Manifest:
+    """Write a DPR context encoder's graph and tokenizer into ``out``; return its manifest."""
     ctx = ExportContext(out=out, context_encoder=_load_context_encoder(source))
     entries = [e for e in GRAPHS if e.applies(ctx)]
     validation = _build_graphs(ctx, entries, opset, validate, tol, optimize=False, reduced=None)
@@ -94,11 +98,11 @@ def _validate(ctx: ExportContext, entries: list[GraphEntry], modules: dict, tol:
         name = entry.spec.name
         figures[name] = entry.validate(ctx, modules[name], tol)
         for output, f in figures[name].items():
-            logger.info("  %s %s: %s", name, output, describe(f))
+            logger.info("  %s %s: %s", name, output, _describe_figures(f))
     return figures
 
 
-def describe(figures: dict) -> str:
+def _describe_figures(figures: dict) -> str:
     """One line of validation figures: the difference against its tolerance, and the decisions."""
     text = (f"max|diff| {figures['max_abs_diff']:.2e} (tolerance {figures['tolerance']:.2e}, "
             f"max|ref| {figures['max_abs_ref']:.3g})")
