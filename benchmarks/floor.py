@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ import numpy as np
 
 from benchmarks.device import N_DOCS, contexts
 from benchmarks.peers import load_avg, prepare, workload_passages
-from benchmarks.run import QUESTIONS, RESULTS, WORKLOADS, _log, write_results
+from benchmarks.run import QUESTIONS, RESULTS, WORKLOADS, _log, machine_line, write_results
 from benchmarks.run import prepare as prepare_export
 
 BEAMS = 4
@@ -363,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "name": args.name or f"floor-{args.workload}" + ("-sequence" if args.kind == "sequence" else ""),
         "command": "python -m benchmarks.floor " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": args.threads,
+        "machine": machine_line(), "threads": args.threads,
         "onnxruntime": onnxruntime.__version__, "load_avg_start": start, "load_avg_end": load_avg(),
         "workload": f"{args.workload} BART generator fp32 export, {name}, {N_DOCS} contexts padded to {src} tokens "
                     f"(mean), {BEAMS} beams ({N_DOCS * BEAMS} decoder rows), {params['max_length'] - 1} new tokens, "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -38,6 +37,7 @@ from benchmarks.run import (
     _pct,
     build_checkpoint,
     is_current,
+    machine_line,
     write_results,
 )
 
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "name": args.name or f"peers-{args.workload}",
         "command": "python -m benchmarks.peers " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine_line(),
         "threads": args.threads,
         "versions": {"ctranslate2": ctranslate2.__version__, "onnxruntime": onnxruntime.__version__},
         "load_avg_start": start, "load_avg_end": load_avg(),

@@ -62,6 +62,13 @@ def host() -> dict:
             "load_avg_1m": os.getloadavg()[0]}
 
 
+def machine_line() -> str:
+    """The machine in one line for a results file: architecture, cores, vector ISA (which moves every ratio)
+    and CPU model."""
+    h = host()
+    return f"{h['machine']}, {h['cpus']} cores, {h['vector_isa']} ({h['cpu']})"
+
+
 def write_results(stem: Path, report: dict, text: str) -> Path:
     """``stem``.json (the report) and ``stem``.md (its markdown), the folder made if needed; returns ``stem``."""
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@
 - ``logsumexp`` (the head before this one): ``log_softmax`` per passage row + log-prior, ``logsumexp`` over
   passages written as max / exp / sum / log, then ``log_softmax`` of the marginal: two exponentials per
   element of [rows, vocab] and five passes over it;
-- ``mixture`` (:class:`rag_export.graphs.heads.RagTokenHead`): ``softmax`` per row, the passages' mixture
+- ``mixture`` (:class:`rag_export.graphs.heads.RagTokenHeadGraph`): ``softmax`` per row, the passages' mixture
   with their priors as one batched product, the log of the mixture over its sum: one exponential per element.
 
 Both then ban, add the running scores and take the top-k. Prints per shape (questions x passages x beams)
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from benchmarks.run import host
-from rag_export.graphs.heads import RagTokenHead, _top, export_args
+from rag_export.graphs.heads import RagTokenHeadGraph, _top, export_args
 
 
 class LogsumexpHead(torch.nn.Module):
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         variants = {"logsumexp": session(LogsumexpHead(), args.vocab, args.threads, Path(tmp)),
-                    "mixture": session(RagTokenHead(), args.vocab, args.threads, Path(tmp))}
+                    "mixture": session(RagTokenHeadGraph(), args.vocab, args.threads, Path(tmp))}
         print("| questions x passages x beams | logsumexp ms | mixture ms | ratio | same candidates | max score diff |")
         print("|---|---|---|---|---|---|")
         for batch, docs, beams in ((1, 5, 4), (4, 5, 4), (1, 20, 4), (1, 5, 1)):

@@ -5,7 +5,7 @@ RAG-Token: per (question, beam), the next-token distribution is marginalized ove
 ``log_softmax`` to the marginalized log-probabilities), banned tokens set to ``-inf``, the beam's running
 score added, and the ``top_k`` best (beam, token) pairs of each question returned. The decoder's
 ``[rows, vocab]`` logits never leave the device: only ``2 * beams`` scores and ids per question do.
-RAG-Sequence's per-passage beam search takes the same step without the marginalization (:class:`BeamStep`).
+RAG-Sequence's per-passage beam search takes the same step without the marginalization (:class:`BeamStepGraph`).
 Everything here is float32 whatever the decoder's precision.
 """
 
@@ -72,7 +72,7 @@ BEAM_STEP_SPEC = GraphSpec(
 )
 
 
-class BeamStep(nn.Module):
+class BeamStepGraph(nn.Module):
     """One beam-search step of independent searches (RAG-Sequence: one per passage): logits
     [groups*beams, t, vocab] (rows ordered (group, beam); the last position is used), beam_scores
     [groups, beams], banned: flat indices into [groups, beams, vocab], top_k [1] -> top_scores

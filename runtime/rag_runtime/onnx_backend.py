@@ -50,14 +50,15 @@ class _Device:
 
 
 class OnnxGenerator:
-    """The exported generator encoder + decoder (+ RAG-Token head, + RAG-Sequence scorer).
+    """The exported generator encoder + decoder (+ RAG-Token head, + RAG-Sequence beam step and scorer).
 
     On the CPU the decode buffers are host arrays that onnxruntime reads and writes in place. On CUDA the
     same buffers are staged through the host at every call: correct, not yet fast (the buffers kept on the
     device are the GPU work still to do).
 
     Args:
-        encoder, decoder, head, scorer: onnxruntime sessions (head: RAG-Token exports; scorer: RAG-Sequence).
+        encoder, decoder, head, scorer: onnxruntime sessions (head: the RAG-Token head or RAG-Sequence's
+            beam step; scorer: RAG-Sequence).
         graphs: The manifest's entries of those graphs (their IO is bound by the names they declare).
         dims: The decoder's dimensions.
         device: ``"cpu"`` or ``"cuda"``.
@@ -79,9 +80,11 @@ class OnnxGenerator:
         self.past_names = dec.per_layer(C.PAST_KEYS, layers) + dec.per_layer(C.PAST_VALUES, layers)
         self.present_names = dec.per_layer(C.PRESENT_KEYS, layers) + dec.per_layer(C.PRESENT_VALUES, layers)
         self.new_names = dec.per_layer(C.NEW_KEYS, layers) + dec.per_layer(C.NEW_VALUES, layers)
-        if head is not None:
-            GraphIO(C.RAG_TOKEN_HEAD, graphs[C.RAG_TOKEN_HEAD]).require(
-                C.LOGITS, C.DOC_LOGPRIOR, C.BEAM_SCORES, C.BANNED, C.TOP_K, C.TOP_SCORES, C.TOP_IDS)
+        if head is not None:  # RAG-Token's head, or RAG-Sequence's beam step (no passage priors)
+            name = C.RAG_TOKEN_HEAD if C.RAG_TOKEN_HEAD in graphs else C.BEAM_STEP
+            priors = (C.DOC_LOGPRIOR,) if name == C.RAG_TOKEN_HEAD else ()
+            GraphIO(name, graphs[name]).require(C.LOGITS, *priors, C.BEAM_SCORES, C.BANNED, C.TOP_K, C.TOP_SCORES,
+                                                C.TOP_IDS)
         if scorer is not None:
             GraphIO(C.SEQUENCE_SCORER, graphs[C.SEQUENCE_SCORER]).require(
                 C.LOGITS, C.LABELS, C.LABEL_LOGPROBS, C.LOGPROB_SUMS)
@@ -441,7 +444,7 @@ class DecodeBatch:
 
 
 class _Head:
-    """:class:`rag_runtime.decoding.rag.RagTokenHead` (or the beam step) over one question's rows of the
+    """:class:`rag_runtime.decoding.rag.FusedHead` (or the beam step) over one question's rows of the
     decoder's logits."""
 
     def __init__(self, gen: OnnxGenerator, logits: np.ndarray):

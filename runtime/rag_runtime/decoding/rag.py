@@ -19,7 +19,7 @@ from .sampling import Sampler
 from .search import BeamSearch, GreedySearch, SearchSettings, host_candidates, log_softmax
 
 
-class RagTokenHead(Protocol):
+class FusedHead(Protocol):
     """The fused head graph over one question's rows of the last decoder call (their logits stay where the
     decoder wrote them): the RAG-Token head, or RAG-Sequence's per-passage beam step."""
 
@@ -77,7 +77,7 @@ class QuestionDecode:
         """Tokens each row has in its cache (the position of its next token)."""
         raise NotImplementedError
 
-    def advance(self, logits: np.ndarray | None, head: RagTokenHead | None = None) -> np.ndarray | None:
+    def advance(self, logits: np.ndarray | None, head: FusedHead | None = None) -> np.ndarray | None:
         """One step from this question's rows' logits [rows, vocab] (or its head, when :meth:`wants_head`):
         the row of this question each new row continues, or None when no row moves."""
         raise NotImplementedError
@@ -143,7 +143,7 @@ class TokenDecode(QuestionDecode):
         lp = log_softmax(logits.reshape(self.encoder_rows, self.beams, -1)) + self._doc_logprior[0, :, None, None]
         return logsumexp(lp, axis=0)
 
-    def advance(self, logits: np.ndarray | None, head: RagTokenHead | None = None) -> np.ndarray | None:
+    def advance(self, logits: np.ndarray | None, head: FusedHead | None = None) -> np.ndarray | None:
         search, proc = self._search, self._proc
         seqs = search.sequences
         if isinstance(search, GreedySearch):
@@ -223,7 +223,7 @@ class SequenceDecode(QuestionDecode):
     def wants_head(self) -> bool:
         return self._fused and not P.has_dense(self._proc, self._search.sequences.shape[1])
 
-    def advance(self, logits: np.ndarray | None, head: RagTokenHead | None = None) -> np.ndarray | None:
+    def advance(self, logits: np.ndarray | None, head: FusedHead | None = None) -> np.ndarray | None:
         search, seqs = self._search, self._search.sequences
         if isinstance(search, GreedySearch):
             search.advance(P.apply(self._proc, seqs, logits))
