@@ -39,10 +39,10 @@ BEAMS = 4
 F32 = 4
 
 
-def _single_op_seconds(op: str, shape: tuple[int, int], weight: np.ndarray | None, threads: int,
-                       seconds: float = 0.5) -> float:
-    """Seconds of one onnxruntime op on a float32 input of ``shape`` (and a constant weight): the fastest of
-    repeated runs, since other work on the machine only ever slows a run down (a floor wants the capability)."""
+def single_op(op: str, shape: tuple[int, int], weight: np.ndarray | None, threads: int):
+    """An onnxruntime session of one op on a float32 input of ``shape`` (and a constant weight), with its
+    input and output bound once (as the runtime's arena reuses its buffers: a fresh multi-MB output per run
+    would add page faults the kernel does not have in the exported graphs). Returns (session, binding)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -55,12 +55,18 @@ def _single_op_seconds(op: str, shape: tuple[int, int], weight: np.ndarray | Non
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
     sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-    # Input and output bound once (as the runtime's arena reuses its buffers): a fresh multi-MB output per
-    # run would add page faults the kernel does not have in the exported graphs.
     io = sess.io_binding()
     io.bind_ortvalue_input("a", ort.OrtValue.ortvalue_from_numpy(
         np.random.default_rng(1).standard_normal(shape, dtype=np.float32)))
     io.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(np.zeros(out, dtype=np.float32)))
+    return sess, io
+
+
+def _single_op_seconds(op: str, shape: tuple[int, int], weight: np.ndarray | None, threads: int,
+                       seconds: float = 0.5) -> float:
+    """Seconds of :func:`single_op`: the fastest of repeated runs, since other work on the machine only ever
+    slows a run down (a floor wants the capability)."""
+    sess, io = single_op(op, shape, weight, threads)
     for _ in range(3):
         sess.run_with_iobinding(io)
     times, t_end = [], time.perf_counter() + seconds

@@ -29,36 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.floor import _inputs, _workload
+from benchmarks.floor import _inputs, _workload, single_op
 from benchmarks.run import RESULTS, _log, host, write_results
 
 COLD_BYTES = 256 * 2**20  # written between cold runs: well past any L3 on these machines
 
 
-def _session(weight: np.ndarray, m: int, threads: int):
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    k, n = weight.shape
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "matmul",
-                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
-                              [numpy_helper.from_array(weight, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
-    sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-    io = sess.io_binding()
-    io.bind_ortvalue_input("a", ort.OrtValue.ortvalue_from_numpy(
-        np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)))
-    io.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(np.zeros((m, n), dtype=np.float32)))
-    return sess, io
-
-
 def alone(m: int, k: int, n: int, threads: int, cold: bool, runs: int = 40) -> float:
     """Median ms of MatMul [m, k] x [k, n] alone; ``cold``: every run after writing ``COLD_BYTES`` of other
     memory, so that its weight comes from DRAM as in the graph (one session: one thread pool)."""
-    sess, io = _session(np.random.default_rng(0).standard_normal((k, n), dtype=np.float32), m, threads)
+    sess, io = single_op("MatMul", (m, k), np.random.default_rng(0).standard_normal((k, n), dtype=np.float32),
+                         threads)
     scratch = np.zeros(COLD_BYTES // 8) if cold else None
     for _ in range(3):
         sess.run_with_iobinding(io)
