@@ -369,8 +369,8 @@ class DecodeBatch:
         small = {C.DECODER_INPUT_IDS: tokens.reshape(rows, 1), C.POSITIONS: positions, C.BEAM_IDX: beam_idx,
                  C.CROSS_QUERY_ROWS: cross_query_rows, C.DECODER_SLOTS: decoder_slots}
         if gen.device != "cpu":  # staged through the host (see OnnxGenerator)
-            present, new, logits = self._views(rows)[1:4]
-            gen.run_decoder({**small, **self._cross_feeds()}, self._views(rows)[0], present, new, logits)
+            past, present, new, logits = self._views(rows)
+            gen.run_decoder({**small, **self._cross_feeds()}, past, present, new, logits)
         else:
             io, present, new, logits = self._binding(rows)
             for name, array in small.items():
