@@ -97,6 +97,22 @@ def test_topk_matches_torch():
     assert {tuple(sorted(r)) for r in torch.topk(torch.from_numpy(x), 10).indices.numpy()} == {tuple(range(100, 110))}
 
 
+def test_topk_of_rows_mostly_masked():
+    """A forced token leaves rows of -inf: selected among the finite entries, the same winners as a full
+    sort, padded with the lowest-index -inf entries when a row has fewer than k finite ones."""
+    from rag_runtime.decoding.search import topk
+
+    rng = np.random.default_rng(2)
+    x = np.full((4, 5000), -np.inf, dtype=np.float32)
+    x[0, rng.choice(5000, 40, replace=False)] = rng.normal(size=40)
+    x[1, [17, 3000]] = [1.0, 2.0]
+    x[2, 7] = 0.5
+    for k in (1, 8, 20):
+        want = np.argsort(-x, axis=-1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(topk(x, k), want)
+    assert list(topk(x, 3)[1]) == [3000, 17, 0] and list(topk(x, 3)[3]) == [0, 1, 2]
+
+
 @pytest.mark.parametrize("settings", [
     dict(no_repeat_ngram_size=2, min_length=30),
     dict(no_repeat_ngram_size=3, bad_words_ids=((7,), (9, 11), (4, 5, 6))),

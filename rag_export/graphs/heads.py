@@ -48,10 +48,33 @@ class RagTokenHeadGraph(nn.Module):
         # largest (it cancels in the renormalization below).
         probs = torch.softmax(logits[:, -1].float(), dim=-1).reshape(batch, n_docs, -1)
         weights = (doc_logprior - doc_logprior.amax(dim=1, keepdim=True)).exp()[:, None, :]  # [batch, 1, n_docs]
-        mixture = torch.matmul(weights, probs).reshape(batch, beams, -1)
-        # log_softmax of the marginal: the log of the mixture over its own sum (no exponentials again).
-        lp = mixture.log() - mixture.sum(dim=-1, keepdim=True).log()
-        return _top(lp + beam_scores[:, :, None], banned, top_k)
+        mixture = torch.matmul(weights, probs).reshape(batch * beams, -1)
+        total = mixture.sum(dim=-1, keepdim=True)  # before the bans: they come after the normalization
+        # The log is monotone, so each beam's best tokens are those of its mixture: the marginal's log_softmax
+        # (log mixture - log total) is taken of those only. A banned token's mixture is 0 (its log -inf).
+        best, tokens = _row_top(mixture, banned, top_k, 0.0)
+        lp = best.log() - total.log()
+        return _merge(lp.reshape(batch, beams, -1) + beam_scores[:, :, None], tokens, mixture.shape[-1], top_k)
+
+
+def _row_top(scores, banned, top_k, fill: float):
+    """The ``top_k`` best of each row of ``scores`` [rows, vocab] (values, tokens), the flat indices
+    ``banned`` set to ``fill`` first."""
+    rows, vocab = scores.shape
+    flat = scores.reshape(-1)
+    flat = flat.scatter(0, banned, torch.full_like(banned, 0, dtype=flat.dtype) + fill)
+    return torch.topk(flat.reshape(rows, vocab), top_k[0])
+
+
+def _merge(acc, tokens, vocab, top_k):
+    """Each item's ``top_k`` best (score, beam * vocab + token) from its beams' own best: ``acc``
+    [items, beams, k] (each beam's best first) and their ``tokens`` [items * beams, k]. An item's best are
+    among its beams' best, so this is one top-k over [beams * vocab]; equal scores rank the lower beam first
+    and, within a beam, the order its own top-k gave."""
+    items, beams, k = acc.shape
+    ids = tokens.reshape(items, beams, k) + torch.arange(beams)[None, :, None] * vocab
+    scores, picked = torch.topk(acc.reshape(items, beams * k), top_k[0])
+    return scores, ids.reshape(items, beams * k).gather(1, picked)
 
 
 def _top(acc, banned, top_k):

@@ -62,14 +62,26 @@ def topk(x: np.ndarray, k: int) -> np.ndarray:
 
     torch.topk leaves the order of exact ties unspecified; in beam search they arise only among candidates
     masked with -1e9, which never reach the output. Wide rows (num_beams * vocab) are partitioned first so only the k winners are sorted.
+    Rows mostly -inf (a forced token) are selected among their finite entries: partitioning a row of equal
+    values is many times slower than a row of distinct ones.
     """
     if x.shape[-1] <= 4 * k:
         return np.argsort(-x, axis=-1, kind="stable")[:, :k]
     n = x.shape[-1]
+    masked = x == -np.inf
+    if np.count_nonzero(masked) > x.size // 2:
+        return np.stack([_topk_finite(row, dead, k) for row, dead in zip(x, masked, strict=True)])
     part = np.argpartition(x, n - k, axis=-1)[:, n - k :]  # the k largest (no negated copy of a wide row)
     part.sort(axis=-1)  # index order, so the stable sort below breaks ties by index
     order = np.argsort(-np.take_along_axis(x, part, axis=-1), axis=-1, kind="stable")
     return np.take_along_axis(part, order, axis=-1)
+
+
+def _topk_finite(row: np.ndarray, masked: np.ndarray, k: int) -> np.ndarray:
+    """:func:`topk` of one row among its finite entries, padded with the first -inf ones if too few."""
+    live = np.flatnonzero(~masked)
+    best = live[topk(row[live][None], k)[0]] if len(live) > k else live[np.argsort(-row[live], kind="stable")]
+    return best if len(best) == k else np.concatenate([best, np.flatnonzero(masked)[: k - len(best)]])
 
 
 def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
