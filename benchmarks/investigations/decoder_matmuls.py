@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workload", default="base")
     p.add_argument("--questions", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--name", default=None, help="results file stem (default decoder-matmuls-<workload>)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"workload": args.workload, "threads": args.threads, "host": machine, "profile": prof, "shapes": rows,
               "command": "python -m benchmarks.investigations.decoder_matmuls " + " ".join(
                   argv if argv is not None else sys.argv[1:])}
-    write_results(args.out / f"decoder-matmuls-{args.workload}", report, markdown(report))
+    write_results(args.out / (args.name or f"decoder-matmuls-{args.workload}"), report, markdown(report))
     print(markdown(report))
     return 0
 

@@ -34,8 +34,8 @@ RAG_TOKEN_HEAD_SPEC = GraphSpec(
 
 
 class RagTokenHeadGraph(nn.Module):
-    """logits [batch*n_docs*beams, t, vocab] (rows ordered (question, passage, beam); the last position is
-    used), doc_logprior [batch, n_docs], beam_scores [batch, beams], banned: flat indices into
+    """logits [batch*n_docs*beams, 1, vocab] (rows ordered (question, passage, beam); one decode step),
+    doc_logprior [batch, n_docs], beam_scores [batch, beams], banned: flat indices into
     [batch, beams, vocab], top_k [1] -> top_scores [batch, top_k], top_ids [batch, top_k] (beam * vocab + token).
     """
 
@@ -46,7 +46,7 @@ class RagTokenHeadGraph(nn.Module):
         # their priors: transformers' logsumexp of (log_softmax + log-prior) over passages, written as the
         # log of a weighted sum, which needs no second pass of exponentials. The priors are shifted by their
         # largest (it cancels in the renormalization below).
-        probs = torch.softmax(logits[:, -1].float(), dim=-1).reshape(batch, n_docs, -1)
+        probs = torch.softmax(_step_logits(logits), dim=-1).reshape(batch, n_docs, -1)
         weights = (doc_logprior - doc_logprior.amax(dim=1, keepdim=True)).exp()[:, None, :]  # [batch, 1, n_docs]
         mixture = torch.matmul(weights, probs).reshape(batch * beams, -1)
         total = mixture.sum(dim=-1, keepdim=True)  # before the bans: they come after the normalization
@@ -55,6 +55,12 @@ class RagTokenHeadGraph(nn.Module):
         best, tokens = _row_top(mixture, banned, top_k, 0.0)
         lp = best.log() - total.log()
         return _merge(lp.reshape(batch, beams, -1) + beam_scores[:, :, None], tokens, mixture.shape[-1], top_k)
+
+
+def _step_logits(logits):
+    """One decode step's logits [rows, 1, vocab] as float32 [rows, vocab]: a reshape, which onnxruntime
+    does without a copy (taking position -1 copies the whole [rows, vocab], a millisecond at base size)."""
+    return logits.reshape(logits.shape[0], logits.shape[2]).float()
 
 
 def _row_top(scores, banned, top_k, fill: float):
@@ -97,14 +103,14 @@ BEAM_STEP_SPEC = GraphSpec(
 
 class BeamStepGraph(nn.Module):
     """One beam-search step of independent searches (RAG-Sequence: one per passage): logits
-    [groups*beams, t, vocab] (rows ordered (group, beam); the last position is used), beam_scores
+    [groups*beams, 1, vocab] (rows ordered (group, beam)), beam_scores
     [groups, beams], banned: flat indices into [groups, beams, vocab], top_k [1] -> top_scores
     [groups, top_k], top_ids [groups, top_k] (beam * vocab + token): transformers' log_softmax, the
     running scores added, the best ``top_k`` per group."""
 
     def forward(self, logits, beam_scores, banned, top_k):
         groups, beams = beam_scores.shape
-        lp = torch.log_softmax(logits[:, -1].float(), dim=-1).reshape(groups, beams, -1)
+        lp = torch.log_softmax(_step_logits(logits), dim=-1).reshape(groups, beams, -1)
         return _top(lp + beam_scores[:, :, None], banned, top_k)
 
 
