@@ -8,11 +8,12 @@ agreement says nothing about a real model. This builds (once per training settin
 generator of ``--d-model`` / ``--layers``) and trains, on one thread, the generator for a few minutes on a
 copy task over the bundled corpus (input: ``title / text // question`` exactly as the retriever builds it;
 target: the context's start up to the first clause end) and the question encoder for about a minute (so
-that questions retrieve different passages); saves both back into the checkpoint, exports it fp32 and
-``--quantize int8`` and converts its generator to CTranslate2 fp32 and int8 (``benchmarks.peers``). Then:
+that questions retrieve different passages); saves both back into the checkpoint, exports it fp32,
+``--quantize int8`` (question encoder fp32) and ``--quantize int8 --quantize-retrieval`` and converts its
+generator to CTranslate2 fp32 and int8 (``benchmarks.peers``). Then:
 
-1. the whole pipeline (retrieval, 5 passages, 4 beams) fp32 against int8: identical answers, same
-   passages, score drift, first differing position; fp32 against transformers on a few questions;
+1. the whole pipeline (retrieval, 5 passages, 4 beams) fp32 against both int8 exports: identical answers,
+   same passages, score drift, first differing position; fp32 against transformers on a few questions;
 2. per (question, supplied context) pair, one context, 4 beams, both engines: int8 against fp32, and
    rag_runtime fp32 against CTranslate2 fp32 (the same model); decoder logits drift under teacher forcing;
 3. latency of the four sides (``benchmarks.peers.measure``: 5 contexts, 4 beams, fixed length).
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -38,11 +38,12 @@ import numpy as np
 
 from benchmarks import peers
 from benchmarks.device import N_DOCS, contexts
-from benchmarks.run import CACHE, QUESTIONS, RESULTS, _log, write_results
+from benchmarks.run import CACHE, QUESTIONS, RESULTS, _log, machine_line, write_results
 from rag_testing.corpus import load_corpus
 from rag_testing.factory import make_checkpoint
 
 BENCH = CACHE / "int8-trained"
+RETRIEVAL_EXPORT = "export-int8-retrieval"  # --quantize int8 --quantize-retrieval: the question encoder too
 TARGET_WORDS = 16  # longest target: answers stay well inside MAX_LENGTH
 MAX_LENGTH = 48
 TIMED_TOKENS = 20
@@ -308,6 +309,11 @@ def prepare(training: Training, root: Path | None = None) -> tuple[Path, dict[st
                    quantize="int8" if side.endswith("int8") else None)
             _log(f"{name} took {time.perf_counter() - t0:.1f}s")
         record_file.write_text(json.dumps(record, indent=2))
+    if not (base / RETRIEVAL_EXPORT / "manifest.json").exists():  # also made on a checkpoint trained before it
+        t0 = time.perf_counter()
+        export(str(base / "checkpoint"), base / RETRIEVAL_EXPORT, force=True, include_index=True, quantize="int8",
+               quantize_retrieval=True)
+        _log(f"{RETRIEVAL_EXPORT} took {time.perf_counter() - t0:.1f}s")
     exports = {side: base / name for side, name in peers.RUNTIME_EXPORTS.items()}
     return base / "checkpoint", exports, json.loads(record_file.read_text())
 
@@ -342,16 +348,25 @@ def _rag_rows(pipe, ids: np.ndarray, mask: np.ndarray, scores: np.ndarray) -> tu
     return [gen.trim(d.sequences[0])[1:] for d in decoded], [float(d.scores[0]) for d in decoded]
 
 
-def pipeline_agreement(fp32, int8, questions: list[str]) -> dict:
-    """The whole pipeline, fp32 export against int8 export. The int8 export's question encoder is quantized
-    too, so its passages can differ (counted); the second row gives both generators fp32's retrieval
-    (the same passages and doc scores, as ``generate`` builds them), which isolates the generator."""
-    a, b = fp32.generate(questions, **PARAMS), int8.generate(questions, **PARAMS)
+def _whole(a: list, b: list) -> dict:
+    """Two exports' ``generate`` results on the same questions: answers, scores and retrieved passages."""
     tokens = [[r.answers[0].token_ids[1:] for r in out] for out in (a, b)]  # without the decoder start
     whole = _compare(*tokens, [r.answers[0].score for r in a], [r.answers[0].score for r in b])
     same_docs = [[d.id for d in x.docs] == [d.id for d in y.docs] for x, y in zip(a, b, strict=True)]
     whole["same_passages"] = sum(same_docs)
     whole["identical_with_same_passages"] = sum(s and x == y for s, x, y in zip(same_docs, *tokens, strict=True))
+    return whole
+
+
+def pipeline_agreement(fp32, int8, int8_retrieval, questions: list[str]) -> dict:
+    """The whole pipeline, fp32 export against the int8 export (``--quantize int8``: its question encoder
+    stays fp32, so retrieval should not change) and against one made with ``--quantize-retrieval`` too (its
+    passages can differ: counted); the third row gives both generators fp32's retrieval (the same passages
+    and doc scores, as ``generate`` builds them), which isolates the generator."""
+    a, b = fp32.generate(questions, **PARAMS), int8.generate(questions, **PARAMS)
+    tokens = [[r.answers[0].token_ids[1:] for r in out] for out in (a, b)]  # without the decoder start
+    whole = _whole(a, b)
+    quantized_retrieval = _whole(a, int8_retrieval.generate(questions, **PARAMS))
     q_ids, emb = fp32.question_encoder.encode(questions)
     doc_ids, doc_scores = fp32.retriever.search(emb, PARAMS["n_docs"])
     ids, mask = fp32.contextualizer.build(q_ids, doc_ids)
@@ -360,6 +375,7 @@ def pipeline_agreement(fp32, int8, questions: list[str]) -> dict:
     special = {*d.eos_token_id, d.pad_token_id, d.forced_bos_token_id, d.decoder_start_token_id}
     return {
         "whole pipeline": whole,
+        "whole pipeline, question encoder int8": quantized_retrieval,
         "same retrieval": _compare(rows[0][0], rows[1][0], rows[0][1], rows[1][1]),
         "fp32_same_as_generate": rows[0][0] == tokens[0],
         "answer_tokens": sorted({len(t) for t in tokens[0]}),
@@ -513,15 +529,17 @@ def _training_lines(r: dict) -> list[str]:
 
 def _pipeline_lines(r: dict) -> list[str]:
     p = r["pipeline"]
-    w = p["whole pipeline"]
+    w, qr = p["whole pipeline"], p["whole pipeline, question encoder int8"]
     lines = [f"## Whole pipeline ({w['compared']} questions, 5 passages, 4 beams, max_length {MAX_LENGTH})", "",
              f"fp32 export against transformers: {r['reference']['identical']}/{r['reference']['compared']} "
              f"identical. fp32 answers: {p['distinct_answers']} distinct, {p['distinct_tokens']} distinct tokens, "
-             f"{p['answer_tokens'][0]}-{p['answer_tokens'][-1]} tokens long. The int8 export retrieved the same "
-             f"passages (ids, in order) for {w['same_passages']}/{w['compared']} questions (its question encoder "
-             f"is quantized too); {w['identical_with_same_passages']} of those {w['same_passages']} answers are "
-             "identical. \"Same retrieval\" gives both generators fp32's passages and doc scores.", ""]
+             f"{p['answer_tokens'][0]}-{p['answer_tokens'][-1]} tokens long. The int8 export (question encoder fp32, "
+             f"the default) retrieved the same passages (ids, in order) as fp32 for {w['same_passages']}/"
+             f"{w['compared']} questions; with `--quantize-retrieval` for {qr['same_passages']}/{qr['compared']}, "
+             f"{qr['identical_with_same_passages']} of those {qr['same_passages']} answers identical. \"Same "
+             "retrieval\" gives both generators fp32's passages and doc scores.", ""]
     lines += _agreement_rows({"rag_runtime int8 vs fp32, whole pipeline": w,
+                              "rag_runtime int8 + int8 question encoder vs fp32, whole pipeline": qr,
                               "rag_runtime int8 vs fp32, same retrieval": p["same retrieval"]})
     lines += ["", "| question | fp32 answer | int8 answer |", "| --- | --- | --- |"]
     return lines + [f"| {e['question']} | {e['fp32']} | {e['int8']} |" for e in p["examples"]]
@@ -598,13 +616,16 @@ def main(argv: list[str] | None = None) -> int:
     ct2_models, vocab = peers.convert_ct2(ckpt, ckpt.parent)
     sides, load_s = peers._sides(exports, ct2_models, args.threads)
     fp32, int8 = sides["rag_runtime fp32"][1], sides["rag_runtime int8"][1]
+    from rag_runtime import RagPipeline
+
+    int8_retrieval = RagPipeline.load(exports["rag_runtime fp32"].parent / RETRIEVAL_EXPORT, threads=args.threads)
     forced_bos = fp32.manifest.generation_defaults.forced_bos_token_id
     questions = [q for q in QUESTIONS.read_text().splitlines() if q.strip()][: args.questions]
     load["measuring"] = peers.load_avg()
     report = {
         "name": args.name,
         "command": "python -m benchmarks.int8_agreement " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": args.threads,
+        "machine": machine_line(), "threads": args.threads,
         "versions": {"ctranslate2": ctranslate2.__version__, "onnxruntime": onnxruntime.__version__,
                      "torch": torch.__version__, "transformers": transformers.__version__},
         "model": f"RAG-Token, BART generator d_model {training.d_model}, {training.layers}+{training.layers} layers "
@@ -613,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
                  "encoder (64 dims) trained to retrieve the source passage of corpus-derived queries",
         "training": record, "params": PARAMS,
         "reference": reference_check(ckpt, fp32, questions[: args.reference]),
-        "pipeline": pipeline_agreement(fp32, int8, questions),
+        "pipeline": pipeline_agreement(fp32, int8, int8_retrieval, questions),
     }
     _log(f"pipeline: {report['pipeline']['whole pipeline']['identical']}/{len(questions)} identical; "
          f"reference {report['reference']}")

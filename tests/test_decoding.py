@@ -134,3 +134,21 @@ def test_dense_processors_are_detected():
     s = P.ProcessorSettings(max_length=10, forced_bos_token_id=0, forced_eos_token_id=2)
     assert [P.has_dense(s, n) for n in (1, 2, 8, 9)] == [True, False, False, True]
     assert P.has_dense(P.ProcessorSettings(max_length=10, repetition_penalty=1.2), 5)
+
+
+@pytest.mark.parametrize("cur_len", [1, 9])
+def test_forced_steps_do_not_read_the_scores(cur_len):
+    """At a forced BOS or EOS step ``apply`` overwrites every score, so the runtime skips computing them
+    (the marginal over passages, the log-softmax) and passes zeros: the result must be the same whatever
+    the scores, other processors and the bans after the forcing included."""
+    s = P.ProcessorSettings(max_length=10, forced_bos_token_id=0, forced_eos_token_id=2, repetition_penalty=1.3,
+                            no_repeat_ngram_size=2, min_length=4, suppress_tokens=(5,), begin_suppress_tokens=(0, 7),
+                            eos_token_ids=(2,))
+    assert P.forces(s, cur_len) and not P.forces(s, 5)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, 30, size=(4, cur_len))
+    scores = rng.normal(size=(4, 30)).astype(np.float32)
+    got = P.apply(s, ids, np.zeros_like(scores))
+    np.testing.assert_array_equal(got, P.apply(s, ids, scores))
+    forced = 0 if cur_len == 1 else 2
+    assert (got[:, forced] == 0).all() and np.isfinite(got).sum() == 4

@@ -28,9 +28,13 @@ def test_int8_agreement_tiny(tmp_path):
     assert report["reference"] == {"identical": 2, "compared": 2}
     pipeline = report["pipeline"]
     assert pipeline["fp32_same_as_generate"]
-    for row in (pipeline["whole pipeline"], pipeline["same retrieval"]):
+    for row in (pipeline["whole pipeline"], pipeline["whole pipeline, question encoder int8"],
+                pipeline["same retrieval"]):
         assert row["compared"] == 2 and 0 <= row["identical"] <= 2
         assert row["score_drift_max"] >= row["score_drift_mean"] >= 0
+    # --quantize int8 keeps the question encoder fp32: the int8 export retrieves exactly fp32's passages.
+    assert pipeline["whole pipeline"]["same_passages"] == 2
+    assert 0 <= pipeline["whole pipeline, question encoder int8"]["same_passages"] <= 2
     pairs = {label: row for label, row in report["contexts"].items() if isinstance(row, dict)}
     assert len(pairs) == 4
     for label, row in pairs.items():
@@ -39,7 +43,9 @@ def test_int8_agreement_tiny(tmp_path):
     assert logits["positions"] > 0 and 0 < logits["logit_diff_max"] < logits["max_abs_logit_fp32"]
     assert set(report["timing"]["sides"]) == {"rag_runtime fp32", "rag_runtime int8", "ctranslate2 fp32",
                                               "ctranslate2 int8"}
-    assert "| rag_runtime int8 vs fp32, same retrieval |" in (tmp_path / "smoke.md").read_text()
+    text = (tmp_path / "smoke.md").read_text()
+    assert "| rag_runtime int8 vs fp32, same retrieval |" in text
+    assert "| rag_runtime int8 + int8 question encoder vs fp32, whole pipeline |" in text
     # The cache is reused for the same settings: nothing is rebuilt or retrained.
     settings = int8_agreement.Training(**training["settings"])
     ckpt, _, again = int8_agreement.prepare(settings, tmp_path / "cache")

@@ -157,8 +157,14 @@ def apply(settings: ProcessorSettings, input_ids: np.ndarray, scores: np.ndarray
 def has_dense(settings: ProcessorSettings, cur_len: int) -> bool:
     """Whether a processor that rewrites whole score rows (not just bans tokens) acts at ``cur_len``."""
     s = settings
-    return (s.repetition_penalty != 1.0
-            or (s.forced_bos_token_id is not None and cur_len == 1)
+    return s.repetition_penalty != 1.0 or forces(s, cur_len)
+
+
+def forces(settings: ProcessorSettings, cur_len: int) -> bool:
+    """Whether a token is forced at ``cur_len`` (BOS first, EOS last): ``apply`` then overwrites every score,
+    so its result does not depend on the scores it is given (only on their shape)."""
+    s = settings
+    return ((s.forced_bos_token_id is not None and cur_len == 1)
             or (s.forced_eos_token_id is not None and cur_len == s.max_length - 1))
 
 

@@ -146,8 +146,13 @@ class TokenDecode(QuestionDecode):
     def advance(self, logits: np.ndarray | None, head: FusedHead | None = None) -> np.ndarray | None:
         search, proc = self._search, self._proc
         seqs = search.sequences
+        if logits is not None and P.forces(proc, seqs.shape[1]):
+            # A forced token: the processors overwrite every score, so the marginal is not computed.
+            marginal = np.zeros((self.beams, logits.shape[-1]), dtype=np.float32)
+        else:
+            marginal = None if logits is None else self._marginal(logits)
         if isinstance(search, GreedySearch):
-            search.advance(P.apply(proc, seqs, self._marginal(logits)))
+            search.advance(P.apply(proc, seqs, marginal))
             self.searching = not search.done
             return None
         if logits is None:
@@ -156,7 +161,7 @@ class TokenDecode(QuestionDecode):
             scores, ids = head(self._doc_logprior, search.running_scores, rows * vocab + tokens, search.keep)
             parents = search.advance(scores, ids // vocab, ids % vocab)
         else:
-            candidates = host_candidates(lambda flat: self._marginal(logits), proc, self._sampler)
+            candidates = host_candidates(lambda flat: marginal, proc, self._sampler)
             parents = search.advance(*candidates(seqs, search.running_scores, search.keep))
         self.searching = not search.done
         # Every passage's beams follow the same parents: row (passage, beam) continues (passage, parent).
@@ -225,6 +230,8 @@ class SequenceDecode(QuestionDecode):
 
     def advance(self, logits: np.ndarray | None, head: FusedHead | None = None) -> np.ndarray | None:
         search, seqs = self._search, self._search.sequences
+        if logits is not None and P.forces(self._proc, seqs.shape[1]):
+            logits = np.zeros(logits.shape, dtype=np.float32)  # every score is overwritten (see TokenDecode)
         if isinstance(search, GreedySearch):
             search.advance(P.apply(self._proc, seqs, logits))
             parents = None
