@@ -56,7 +56,7 @@ def test_floor_benchmark_reports_every_stage_above_its_floor(tmp_path, monkeypat
 
     monkeypatch.setattr(run, "CACHE", tmp_path / "cache")
     monkeypatch.setattr(peers, "CACHE", tmp_path / "cache")
-    for kind, stages in (("token", 6), ("sequence", 5)):
+    for kind, stages in (("token", 6), ("sequence", 6)):
         assert floor.main(["--workload", "tiny", "--kind", kind, "--questions", "1",
                            "--out", str(tmp_path), "--name", kind]) == 0
         report = json.loads((tmp_path / f"{kind}.json").read_text())
@@ -69,7 +69,9 @@ def test_floor_benchmark_reports_every_stage_above_its_floor(tmp_path, monkeypat
         question, measured, floor_ms, _ = report["table"][-1]
         assert question.startswith("question p50") and measured > floor_ms
     assert report["measured"]["rescore_calls_per_question"] == 5  # one per passage
-    assert "rescore, one passage" in (tmp_path / "sequence.md").read_text()
+    text = (tmp_path / "sequence.md").read_text()
+    assert "rescore, one passage" in text and "of which the beam step graph" in text
+    assert report["measured"]["beam_step_call_ms"] > 0
 
 
 def test_serve_load_measures_every_scheduling_mode(bundles, tmp_path):
