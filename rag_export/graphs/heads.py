@@ -52,7 +52,7 @@ class RagTokenHeadGraph(nn.Module):
         total = mixture.sum(dim=-1, keepdim=True)  # before the bans: they come after the normalization
         # The log is monotone, so each beam's best tokens are those of its mixture: the marginal's log_softmax
         # (log mixture - log total) is taken of those only. A banned token's mixture is 0 (its log -inf).
-        best, tokens = _row_top(mixture, banned, top_k, 0.0)
+        best, tokens = _top(mixture, banned, top_k, fill=0.0)  # per beam
         lp = best.log() - total.log()
         return _merge(lp.reshape(batch, beams, -1) + beam_scores[:, :, None], tokens, mixture.shape[-1], top_k)
 
@@ -61,15 +61,6 @@ def _step_logits(logits):
     """One decode step's logits [rows, 1, vocab] as float32 [rows, vocab]: a reshape, which onnxruntime
     does without a copy (taking position -1 copies the whole [rows, vocab], a millisecond at base size)."""
     return logits.reshape(logits.shape[0], logits.shape[2]).float()
-
-
-def _row_top(scores, banned, top_k, fill: float):
-    """The ``top_k`` best of each row of ``scores`` [rows, vocab] (values, tokens), the flat indices
-    ``banned`` set to ``fill`` first."""
-    rows, vocab = scores.shape
-    flat = scores.reshape(-1)
-    flat = flat.scatter(0, banned, torch.full_like(banned, 0, dtype=flat.dtype) + fill)
-    return torch.topk(flat.reshape(rows, vocab), top_k[0])
 
 
 def _merge(acc, tokens, vocab, top_k):
@@ -83,12 +74,13 @@ def _merge(acc, tokens, vocab, top_k):
     return scores, ids.reshape(items, beams * k).gather(1, picked)
 
 
-def _top(acc, banned, top_k):
-    """The ``top_k`` best of each item's [beams, vocab] scores ``acc``, ``banned`` (flat indices) excluded."""
-    batch = acc.shape[0]
+def _top(acc, banned, top_k, fill: float = float("-inf")):
+    """The ``top_k`` best of each item's scores ``acc`` [items, ...] (values, flat indices into the item's
+    scores), the flat indices ``banned`` into ``acc`` set to ``fill`` first."""
+    items = acc.shape[0]
     flat = acc.reshape(-1)
-    flat = flat.scatter(0, banned, torch.full_like(banned, 0, dtype=flat.dtype) - float("inf"))
-    return torch.topk(flat.reshape(batch, -1), top_k[0])
+    flat = flat.scatter(0, banned, torch.full_like(banned, 0, dtype=flat.dtype) + fill)
+    return torch.topk(flat.reshape(items, -1), top_k[0])
 
 
 BEAM_STEP_SPEC = GraphSpec(

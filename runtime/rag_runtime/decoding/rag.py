@@ -147,7 +147,8 @@ class TokenDecode(QuestionDecode):
         search, proc = self._search, self._proc
         seqs = search.sequences
         if logits is not None and P.forces(proc, seqs.shape[1]):
-            # A forced token: the processors overwrite every score, so the marginal is not computed.
+            # A forced token: the processors overwrite every score, so the marginal is not computed (and
+            # host_candidates skips the log-softmax).
             marginal = np.zeros((self.beams, logits.shape[-1]), dtype=np.float32)
         else:
             marginal = None if logits is None else self._marginal(logits)
@@ -230,8 +231,6 @@ class SequenceDecode(QuestionDecode):
 
     def advance(self, logits: np.ndarray | None, head: FusedHead | None = None) -> np.ndarray | None:
         search, seqs = self._search, self._search.sequences
-        if logits is not None and P.forces(self._proc, seqs.shape[1]):
-            logits = np.zeros(logits.shape, dtype=np.float32)  # every score is overwritten (see TokenDecode)
         if isinstance(search, GreedySearch):
             search.advance(P.apply(self._proc, seqs, logits))
             parents = None

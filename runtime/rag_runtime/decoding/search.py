@@ -133,7 +133,9 @@ def host_candidates(step: Step, proc: P.ProcessorSettings, sampler: Sampler | No
     without replacement from ``softmax`` of the running scores, in draw order, as transformers does."""
 
     def candidates(flat: np.ndarray, running_scores: np.ndarray, keep: int):
-        log_probs = P.apply(proc, flat, log_softmax(step(flat).astype(np.float32, copy=False)))
+        scores = step(flat).astype(np.float32, copy=False)
+        # A forced token overwrites every score: its step's log-softmax would be thrown away.
+        log_probs = P.apply(proc, flat, scores if P.forces(proc, flat.shape[1]) else log_softmax(scores))
         if sampler is not None:
             log_probs = sampler.warp(log_probs)
         batch, k = running_scores.shape
